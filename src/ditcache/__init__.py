@@ -1,0 +1,37 @@
+"""ditcache: feature caching for diffusion transformers.
+
+    handle = ditcache.apply(pipe, ditcache.preset("fora-3"))   # or a config object
+    images = pipe(...)
+    print(handle.stats().summary())
+    handle.remove()
+"""
+
+from . import policies  # noqa: F401  (registers policies and presets)
+from .adapters import BlockListSpec, LatentGrid, ModelAdapter, register_adapter, supported_models
+from .api import apply
+from .config import PolicyConfig
+from .engine import CacheHandle, ForwardInfo, Stats
+from .policies import NoCacheConfig, Policy, StaticIntervalConfig
+from .registry import preset, presets, register_policy, register_preset
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockListSpec",
+    "CacheHandle",
+    "ForwardInfo",
+    "LatentGrid",
+    "ModelAdapter",
+    "NoCacheConfig",
+    "Policy",
+    "PolicyConfig",
+    "StaticIntervalConfig",
+    "Stats",
+    "apply",
+    "preset",
+    "presets",
+    "register_adapter",
+    "register_policy",
+    "register_preset",
+    "supported_models",
+]

@@ -1,0 +1,61 @@
+"""Adapter registry: diffusers transformer class -> `ModelAdapter`.
+
+Lookup is by exact class first, then by the nearest registered base class (so a subclass of a supported
+model works), never by name guessing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import BLOCK_KINDS, BlockListSpec, LatentGrid, ModelAdapter
+from .flux import FLUX
+from .sd3 import SD3
+from .wan import WAN
+
+_ADAPTERS: dict[type[torch.nn.Module], ModelAdapter] = {}
+
+REGISTER_HOWTO = """\
+To add a model, describe it with flat data and register it:
+
+    from ditcache.adapters import BlockListSpec, ModelAdapter, LatentGrid, register_adapter
+    register_adapter(ModelAdapter(
+        name="mymodel", model_class=MyTransformer,
+        block_lists=(BlockListSpec(attr="blocks", inputs=("hidden_states",), outputs=("hidden_states",)),),
+        latent_layout="BCHW", grid=lambda model, kwargs: LatentGrid(1, h, w),
+    ))"""
+
+
+def register_adapter(adapter: ModelAdapter, *, replace: bool = False) -> ModelAdapter:
+    if adapter.model_class in _ADAPTERS and not replace:
+        raise ValueError(f"{adapter.model_class.__name__} already has an adapter; pass replace=True to override")
+    _ADAPTERS[adapter.model_class] = adapter
+    return adapter
+
+
+def supported_models() -> list[str]:
+    return sorted(cls.__name__ for cls in _ADAPTERS)
+
+
+def adapter_for(model: torch.nn.Module) -> ModelAdapter:
+    for cls in type(model).__mro__:
+        if cls in _ADAPTERS:
+            return _ADAPTERS[cls]
+    raise TypeError(
+        f"{type(model).__name__} is not a supported model. Supported: {', '.join(supported_models())}.\n"
+        + REGISTER_HOWTO
+    )
+
+
+for _adapter in (FLUX, SD3, WAN):
+    register_adapter(_adapter)
+
+__all__ = [
+    "BLOCK_KINDS",
+    "BlockListSpec",
+    "LatentGrid",
+    "ModelAdapter",
+    "adapter_for",
+    "register_adapter",
+    "supported_models",
+]

@@ -1,0 +1,48 @@
+"""FluxTransformer2DModel: 19 dual-stream ("joint") blocks, then 38 single-stream blocks (FLUX.1)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from .base import BlockListSpec, LatentGrid, ModelAdapter
+
+
+def _flux_grid(model: torch.nn.Module, kwargs: dict[str, Any]) -> LatentGrid:
+    # Flux takes packed latents (B, H*W, C); positions come from img_ids (N, 3) = (0, row, col).
+    img_ids = kwargs.get("img_ids")
+    if img_ids is None:
+        raise ValueError("FluxTransformer2DModel forward needs img_ids to know the latent grid")
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    height = int(ids[:, 1].max().item()) + 1
+    width = int(ids[:, 2].max().item()) + 1
+    return LatentGrid(frames=1, height=height, width=width, patch=(1, 2, 2))
+
+
+FLUX = ModelAdapter(
+    name="flux",
+    model_class=FluxTransformer2DModel,
+    block_lists=(
+        BlockListSpec(
+            attr="transformer_blocks",
+            inputs=("hidden_states", "encoder_hidden_states"),
+            outputs=("encoder_hidden_states", "hidden_states"),
+            kind="joint",
+            attention=("attn",),
+            mlp=("ff", "ff_context"),
+        ),
+        BlockListSpec(
+            attr="single_transformer_blocks",
+            inputs=("hidden_states", "encoder_hidden_states"),
+            outputs=("encoder_hidden_states", "hidden_states"),
+            kind="joint",
+            attention=("attn",),
+            mlp=("proj_mlp",),
+        ),
+    ),
+    latent_layout="BNC",
+    grid=_flux_grid,
+    forward_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+)

@@ -1,0 +1,220 @@
+"""The engine: owns the hooks, the per-branch state and the records of one cached model."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..adapters import ModelAdapter
+from .calls import BlockCall, BlockRef, ForwardCall, shape_key
+from .context import StepTracker
+from .hooks import AttributeOverride, ForwardHook
+from .macs import CostTable, measure_costs
+from .stats import REUSED, ForwardRecord, GenerationStats, Stats, tensor_bytes
+
+if TYPE_CHECKING:
+    from ..policies.base import Policy
+
+ENGINE_ATTR = "_ditcache_engine"
+
+
+def _timestep_value(timestep: Any) -> float:
+    if timestep is None:
+        raise ValueError("the model was called without a timestep; ditcache needs it to locate the sampling step")
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.detach().float().max())
+    return float(timestep)
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, policy: Policy, scheduler: Any = None) -> None:
+        self.model, self.adapter, self.policy = model, adapter, policy
+        self.tracker = StepTracker(scheduler)
+        self.blocks = self._find_blocks()
+        self.hooks_blocks = policy.uses_block_hooks
+        self._states: dict[str, Any] = {}
+        self._active_generation: int | None = None
+        self._records: list[ForwardRecord] = []
+        self._examples: dict[tuple, dict[str, Any]] = {}
+        self._costs: dict[tuple, CostTable] = {}
+        self._bypass = 0
+        self._current: ForwardCall | None = None
+        self._hooks: list[ForwardHook] = []
+        self._overrides: list[AttributeOverride] = []
+        self.removed = False
+        policy.bind(self)
+
+    # ----------------------------------------------------------------- install / remove
+    def _find_blocks(self) -> list[BlockRef]:
+        refs: list[BlockRef] = []
+        for spec in self.adapter.block_lists:
+            blocks = getattr(self.model, spec.attr, None)
+            if not isinstance(blocks, torch.nn.ModuleList):
+                raise TypeError(f"{type(self.model).__name__}.{spec.attr} is not an nn.ModuleList; fix the adapter")
+            for index, block in enumerate(blocks):
+                refs.append(BlockRef(spec, index, len(refs), f"{spec.attr}.{index}", block))
+        return refs
+
+    def install(self) -> None:
+        if getattr(self.model, ENGINE_ATTR, None) is not None:
+            raise RuntimeError(
+                f"ditcache is already applied to this {type(self.model).__name__}; call handle.remove() first"
+            )
+        self._overrides.append(AttributeOverride(self.model, ENGINE_ATTR, self))
+        self._hooks.append(ForwardHook(self.model, self._model_forward))
+        if self.hooks_blocks:
+            for ref in self.blocks:
+                self._hooks.append(ForwardHook(ref.module, functools.partial(self._block_forward, ref)))
+        original_cache_context = getattr(self.model, "cache_context", None)
+        if original_cache_context is not None:
+
+            @contextlib.contextmanager
+            def cache_context(name: str, **hints: Any) -> Iterator[None]:
+                # Keep diffusers' own behaviour (its hooks read the same context) and note the branch for us.
+                with original_cache_context(name, **hints), self.branch(name, **hints):
+                    yield
+
+            self._overrides.append(AttributeOverride(self.model, "cache_context", cache_context))
+
+    def remove(self) -> None:
+        if self.removed:
+            return
+        for hook in reversed(self._hooks):
+            hook.remove()
+        for override in reversed(self._overrides):
+            override.remove()
+        self._hooks.clear()
+        self._overrides.clear()
+        self._states.clear()
+        self.removed = True
+
+    # ----------------------------------------------------------------- context
+    @contextlib.contextmanager
+    def branch(self, name: str, **hints: Any) -> Iterator[None]:
+        tracker = self.tracker
+        saved = tracker.branch_name, tracker.branch_hints
+        tracker.branch_name, tracker.branch_hints = name, {k: v for k, v in hints.items() if v is not None}
+        try:
+            yield
+        finally:
+            tracker.branch_name, tracker.branch_hints = saved
+
+    def reset(self, num_steps: int | None = None) -> None:
+        self.tracker.start_generation(num_steps)
+        self._begin_generation(self.tracker.generation)
+
+    def _begin_generation(self, generation: int) -> None:
+        self._states.clear()
+        self.policy.reset()
+        self._active_generation = generation
+
+    @contextlib.contextmanager
+    def bypassed(self) -> Iterator[None]:
+        self._bypass += 1
+        try:
+            yield
+        finally:
+            self._bypass -= 1
+
+    def bind_forward_args(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        names = self.adapter.forward_args
+        if len(args) > len(names):
+            raise TypeError(
+                f"{type(self.model).__name__} was called with {len(args)} positional arguments; ditcache knows "
+                f"the first {len(names)} ({', '.join(names)}): pass the rest as keywords"
+            )
+        return {**dict(zip(names, args)), **kwargs}
+
+    def remember_example(self, key: tuple, arguments: dict[str, Any]) -> None:
+        if key not in self._examples and key not in self._costs:
+            self._examples[key] = {**arguments, "return_dict": False}
+
+    # ----------------------------------------------------------------- hooks
+    def _model_forward(self, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if self._bypass or self._current is not None:
+            return original(*args, **kwargs)
+        arguments = self.bind_forward_args(args, kwargs)
+        hidden_states = arguments[self.adapter.hidden_states_arg]
+        timestep = _timestep_value(arguments.get(self.adapter.timestep_arg))
+        info, _ = self.tracker.locate(timestep, tuple(hidden_states.shape))
+        if info.generation != self._active_generation:
+            self._begin_generation(info.generation)
+        state = self._states.get(info.branch)
+        if state is None:
+            state = self._states[info.branch] = self.policy.new_branch_state()
+        key = shape_key(arguments)
+        self.remember_example(key, arguments)
+        record = ForwardRecord(info.generation, info.step, info.branch, key, len(self.blocks))
+        call = ForwardCall(self, original, args, kwargs, info, state, record)
+        self._current = call
+        start = time.perf_counter()
+        try:
+            output = self.policy.forward(call)
+        finally:
+            self._current = None
+        record.decide_seconds = max(0.0, time.perf_counter() - start - record.compute_seconds)
+        self._records.append(record)
+        return output
+
+    def _block_forward(self, ref: BlockRef, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        call = self._current
+        if call is None or self._bypass:
+            return original(*args, **kwargs)
+        return self.policy.block(BlockCall(call, ref, original, args, kwargs))
+
+    # ----------------------------------------------------------------- stats
+    def _cost(self, key: tuple) -> CostTable:
+        if key not in self._costs:
+            example = self._examples.pop(key)
+            with self.bypassed():
+                self._costs[key] = measure_costs(
+                    lambda: self.model(**example), self.model, [ref.name for ref in self.blocks]
+                )
+        return self._costs[key]
+
+    def clear_records(self) -> None:
+        self._records.clear()
+
+    def stats(self) -> Stats:
+        by_generation: dict[int, list[ForwardRecord]] = {}
+        for record in self._records:
+            by_generation.setdefault(record.generation, []).append(record)
+        generations = [self._generation_stats(g, records) for g, records in by_generation.items()]
+        cache_bytes = tensor_bytes(self._states) + tensor_bytes(self.policy.cached_tensors())
+        return Stats(policy=self.policy.describe(), generations=generations, cache_bytes=cache_bytes)
+
+    def _generation_stats(self, generation: int, records: list[ForwardRecord]) -> GenerationStats:
+        macs_full = macs_executed = 0
+        token_sum = 0.0
+        for record in records:
+            cost = self._cost(record.shape_key)
+            macs_full += cost.total
+            if record.kind != REUSED:
+                macs_executed += cost.outside_blocks + round(
+                    sum(c * f for c, f in zip(cost.blocks, record.block_fraction))
+                )
+            macs_executed += sum(self._cost(key).total for key in record.trial_keys)
+            token_sum += sum(record.block_fraction)
+        reused = [(r.step, r.branch) for r in records if r.kind == REUSED]
+        num_blocks = len(self.blocks)
+        return GenerationStats(
+            generation=generation,
+            forwards=len(records),
+            steps=len({r.step for r in records}),
+            computed_forwards=len(records) - len(reused),
+            reused_forwards=len(reused),
+            reused=reused,
+            blocks_computed=[sum(r.block_fraction) for r in records],
+            blocks_total=num_blocks,
+            token_fraction=token_sum / max(1, num_blocks * len(records)),
+            trial_forwards=sum(len(r.trial_keys) for r in records),
+            macs_full=macs_full,
+            macs_executed=macs_executed,
+            decide_seconds=sum(r.decide_seconds for r in records),
+            nonfinite_events=sum(r.nonfinite for r in records),
+        )

@@ -1,0 +1,125 @@
+"""Per-forward records and the statistics a handle reports.
+
+Counts (steps reused, blocks computed, MACs) are deterministic and are what tests assert; seconds are
+reported for information only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+COMPUTED, REUSED = "computed", "reused"
+
+
+@dataclasses.dataclass
+class ForwardRecord:
+    """One call of the model's forward, as the policy handled it."""
+
+    generation: int
+    step: int
+    branch: str
+    shape_key: tuple
+    num_blocks: int
+    kind: str = COMPUTED
+    # Fraction of each block's tokens that were computed (0.0 = skipped, 1.0 = fully computed).
+    block_fraction: list[float] = dataclasses.field(default_factory=list)
+    trial_keys: list[tuple] = dataclasses.field(default_factory=list)
+    compute_seconds: float = 0.0
+    decide_seconds: float = 0.0
+    nonfinite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.block_fraction:
+            self.block_fraction = [0.0] * self.num_blocks
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    generation: int
+    forwards: int
+    steps: int
+    computed_forwards: int
+    reused_forwards: int
+    reused: list[tuple[int, str]]  # (step, branch) of every reused forward
+    blocks_computed: list[float]  # per forward: number of blocks computed (token-weighted)
+    blocks_total: int
+    token_fraction: float  # computed tokens / tokens of all blocks over all forwards
+    trial_forwards: int
+    macs_full: int  # what the uncached model would have spent on the same forwards
+    macs_executed: int  # what was spent, trial forwards included
+    decide_seconds: float
+    nonfinite_events: int
+
+    @property
+    def macs_speedup(self) -> float:
+        return self.macs_full / self.macs_executed if self.macs_executed else float("inf")
+
+    @property
+    def reused_steps(self) -> list[int]:
+        return sorted({step for step, _ in self.reused})
+
+
+@dataclasses.dataclass
+class Stats:
+    """What `handle.stats()` returns: one entry per generation since apply/reset, plus totals."""
+
+    policy: str
+    generations: list[GenerationStats]
+    cache_bytes: int
+
+    @property
+    def last(self) -> GenerationStats:
+        if not self.generations:
+            raise ValueError("no generation has run since the cache was applied or reset")
+        return self.generations[-1]
+
+    @property
+    def macs_full(self) -> int:
+        return sum(g.macs_full for g in self.generations)
+
+    @property
+    def macs_executed(self) -> int:
+        return sum(g.macs_executed for g in self.generations)
+
+    @property
+    def macs_speedup(self) -> float:
+        return self.macs_full / self.macs_executed if self.macs_executed else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "cache_bytes": self.cache_bytes,
+            "macs_speedup": self.macs_speedup,
+            "generations": [dict(dataclasses.asdict(g), macs_speedup=g.macs_speedup) for g in self.generations],
+        }
+
+    def summary(self) -> str:
+        if not self.generations:
+            return f"{self.policy}: no generation yet"
+        g = self.last
+        return (
+            f"{self.policy}: {g.reused_forwards}/{g.forwards} forwards reused, "
+            f"{sum(g.blocks_computed) / max(1, g.forwards):.1f}/{g.blocks_total} blocks per forward, "
+            f"tokens {g.token_fraction:.0%}, MACs speedup {g.macs_speedup:.2f}x, "
+            f"decide {g.decide_seconds * 1e3:.1f} ms, cache {self.cache_bytes / 2**20:.1f} MiB"
+        )
+
+
+def tensor_bytes(obj: Any, _seen: set[int] | None = None) -> int:
+    """Bytes held by the tensors reachable from `obj` (dicts, sequences, dataclasses, plain objects)."""
+    seen = _seen if _seen is not None else set()
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
+    return 0

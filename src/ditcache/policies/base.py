@@ -1,0 +1,57 @@
+"""The policy interface. A policy decides, per forward and per block, whether to compute or reuse.
+
+Subclasses override `forward` (whole-step decisions) and/or `block` (per-block decisions, only called when
+`uses_block_hooks` is true). Per-branch state comes from `new_branch_state()` and is handed back in
+`call.state`, so cond never reads uncond's cache; state shared across branches lives on the policy and is
+cleared in `reset()`, which the engine calls at the start of every generation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..adapters import ModelAdapter
+from ..config import PolicyConfig
+from ..engine.calls import BlockCall, ForwardCall
+
+if TYPE_CHECKING:
+    from ..engine.engine import Engine
+
+
+class Policy:
+    uses_block_hooks: bool = False
+
+    def __init__(self, config: PolicyConfig, adapter: ModelAdapter) -> None:
+        self.config = config
+        self.adapter = adapter
+        self.engine: Engine | None = None
+
+    def bind(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def new_branch_state(self) -> Any:
+        return {}
+
+    def reset(self) -> None:
+        """Start of a generation: drop cross-branch state."""
+
+    def cached_tensors(self) -> Any:
+        """Tensors held outside the per-branch states (counted in stats' cache bytes)."""
+        return None
+
+    def forward(self, call: ForwardCall) -> Any:
+        return call.run()
+
+    def block(self, call: BlockCall) -> Any:
+        return call.run()
+
+    def describe(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items() if k != "policy")
+        return f"{type(self.config).__name__}({fields})"
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """Never put NaN/inf into a cache: it would be replayed into every reused step."""
+    return bool(torch.isfinite(tensor).all())

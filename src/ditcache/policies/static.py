@@ -1,0 +1,92 @@
+"""Static interval reuse (FORA-style): compute one step in every `interval`, reuse in between.
+
+Two things can be reused at the skipped steps:
+- `reuse="output"`: the model output of the last computed step (cheapest; the embedders are skipped too);
+- `reuse="blocks"`: every block's residual from the last computed step, while the embedders and the final
+  layer still run with the current timestep (what FORA does with attention/MLP features).
+The first `warmup_steps` and the last `cooldown_steps` are always computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..config import PolicyConfig, check_choice, check_int
+from ..engine.calls import BlockCall, ForwardCall, sample_of
+from ..registry import register_policy, register_preset
+from .base import Policy, is_finite
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticIntervalConfig(PolicyConfig):
+    interval: int = 2  # compute 1 step in every `interval` (1 = never reuse)
+    warmup_steps: int = 2
+    cooldown_steps: int = 0
+    reuse: str = "output"  # "output" | "blocks"
+
+    def __post_init__(self) -> None:
+        check_int("interval", self.interval, 1, 100)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("cooldown_steps", self.cooldown_steps, 0)
+        check_choice("reuse", self.reuse, ("output", "blocks"))
+
+    def computes(self, step: int, num_steps: int | None) -> bool:
+        if step < self.warmup_steps:
+            return True
+        if num_steps is not None and step >= num_steps - self.cooldown_steps:
+            return True
+        return (step - self.warmup_steps) % self.interval == 0
+
+
+@register_policy(StaticIntervalConfig)
+class StaticIntervalPolicy(Policy):
+    def __init__(self, config: StaticIntervalConfig, adapter: Any) -> None:
+        super().__init__(config, adapter)
+        self.uses_block_hooks = config.reuse == "blocks"
+
+    def new_branch_state(self) -> dict[str, Any]:
+        return {"output": None, "residuals": {}, "reusing": False}
+
+    def forward(self, call: ForwardCall) -> Any:
+        config: StaticIntervalConfig = self.config
+        state = call.state
+        compute = config.computes(call.info.step, call.info.num_steps)
+        if config.reuse == "output":
+            if not compute and state["output"] is not None:
+                return call.reuse(state["output"])
+            output = call.run()
+            sample = sample_of(output)
+            state["output"] = sample if is_finite(sample) else None
+            call.record.nonfinite = state["output"] is None
+            return output
+        # Block residual reuse: blocks decide from this flag; residuals must exist for every block.
+        state["reusing"] = not compute and len(state["residuals"]) == len(self.engine.blocks)
+        return call.run()
+
+    def block(self, call: BlockCall) -> Any:
+        state = call.forward.state
+        if state["reusing"]:
+            return call.skip(state["residuals"][call.ref.position])
+        inputs = call.inputs()
+        output = call.run()
+        residuals = call.residuals(inputs, call.outputs_of(output))
+        if all(r is None or is_finite(r) for r in residuals.values()):
+            state["residuals"][call.ref.position] = residuals
+        else:
+            state["residuals"].pop(call.ref.position, None)
+            call.forward.record.nonfinite = True
+        return output
+
+
+for _n in (2, 3, 4):
+    register_preset(
+        f"fora-{_n}",
+        lambda n=_n: StaticIntervalConfig(interval=n, warmup_steps=2, reuse="blocks"),
+        f"FORA-style: reuse block residuals, compute 1 step in {_n} after 2 warm-up steps",
+    )
+    register_preset(
+        f"static-{_n}",
+        lambda n=_n: StaticIntervalConfig(interval=n, warmup_steps=2, reuse="output"),
+        f"reuse the whole model output, compute 1 step in {_n} after 2 warm-up steps",
+    )
