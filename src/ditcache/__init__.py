@@ -1,9 +1,9 @@
 """ditcache: feature caching for diffusion transformers.
 
-    handle = ditcache.apply(pipe, ditcache.preset("fora-3"))   # or a config object
-    images = pipe(...)
-    print(handle.stats().summary())
-    handle.remove()
+handle = ditcache.apply(pipe, ditcache.preset("fora-3"))   # or a config object
+images = pipe(...)
+print(handle.stats().summary())
+handle.remove()
 """
 
 from . import policies  # noqa: F401  (registers policies and presets)

@@ -19,19 +19,43 @@ def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     if name == "flux":
         model = FluxTransformer2DModel(
-            patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+            patch_size=1,
+            in_channels=4,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            pooled_projection_dim=16,
+            axes_dims_rope=(2, 2, 4),
         )
     elif name == "sd3":
         model = SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
-            caption_projection_dim=16, joint_attention_dim=16, pooled_projection_dim=16, out_channels=4,
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=3,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            caption_projection_dim=16,
+            joint_attention_dim=16,
+            pooled_projection_dim=16,
+            out_channels=4,
         )
     elif name == "wan":
         model = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-            text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            text_dim=16,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=3,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
         )
     else:
         raise ValueError(f"name must be one of {TINY_MODELS}, got {name!r}")
@@ -81,8 +105,13 @@ def _branch_context(model: torch.nn.Module, handle: Any) -> Any:
 
 @torch.no_grad()
 def euler_sample(
-    model: torch.nn.Module, name: str, inputs: dict[str, Any], steps: int, cfg_inputs: dict[str, Any] | None = None,
-    guidance: float = 3.0, handle: Any = None,
+    model: torch.nn.Module,
+    name: str,
+    inputs: dict[str, Any],
+    steps: int,
+    cfg_inputs: dict[str, Any] | None = None,
+    guidance: float = 3.0,
+    handle: Any = None,
 ) -> torch.Tensor:
     """A plain flow-matching Euler loop. With `cfg_inputs`, runs cond and uncond as two forwards inside
     `model.cache_context(...)`, the way diffusers pipelines do (models without it, like SD3, use

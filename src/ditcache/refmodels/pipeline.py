@@ -1,0 +1,97 @@
+"""`RefPipeline`: sampling for the reference models with diffusers' FlowMatchEulerDiscreteScheduler.
+
+It has `.transformer` and `.scheduler` like a diffusers pipeline, so `ditcache.apply(pipe, config)` and
+diffusers' own cache hooks attach to it the same way. CFG runs either as two forwards per step wrapped in
+`transformer.cache_context("cond"/"uncond")` (what Flux and Wan pipelines do) or batched (uncond and cond
+concatenated into one forward, as SD3's pipeline does).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from safetensors.torch import load_file
+
+from .models import RefModel, RefModelSpec, get_spec
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+CFG_MODES = ("separate", "batched")
+
+
+class RefPipeline:
+    def __init__(self, model: RefModel) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.spec: RefModelSpec = model.spec
+        self.transformer = model.transformer
+        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+    @classmethod
+    def from_pretrained(cls, name: str, weights_dir: Path | None = None) -> RefPipeline:
+        """Load a shipped reference model (safetensors, never pickle)."""
+        spec = get_spec(name)
+        path = Path(weights_dir or WEIGHTS_DIR) / f"{spec.name}.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"no weights for {name} at {path}; train them with `ditcache train-ref {name}`")
+        model = RefModel(spec)
+        model.load_state_dict(load_file(str(path)))
+        return cls(model)
+
+    @staticmethod
+    def metadata(name: str, weights_dir: Path | None = None) -> dict:
+        path = Path(weights_dir or WEIGHTS_DIR) / f"{get_spec(name).name}.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def initial_noise(self, batch: int, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randn((batch, *self.spec.sample_shape), generator=generator)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        labels: torch.Tensor | list[int],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 4.0,
+        seed: int = 0,
+        cfg_mode: str = "separate",
+        latents: torch.Tensor | None = None,
+        return_trajectory: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Samples in [-1, 1]: (B, 3, H, W) for images, (B, 3, F, H, W) for videos."""
+        if cfg_mode not in CFG_MODES:
+            raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {cfg_mode!r}")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        x = latents.clone() if latents is not None else self.initial_noise(len(labels), seed)
+        use_cfg = guidance_scale != 1.0
+        null = torch.full_like(labels, self.spec.null_class)
+        self.scheduler.set_timesteps(num_inference_steps)
+        trajectory = [x.clone()]
+        for i, t in enumerate(self.scheduler.timesteps):
+            sigma = (t / 1000.0).expand(len(labels))
+            hints = {"step_index": i, "num_inference_steps": num_inference_steps}
+            if use_cfg and cfg_mode == "batched":
+                both = self._predict(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([null, labels]), None)
+                uncond, cond = both.chunk(2)
+                velocity = uncond + guidance_scale * (cond - uncond)
+            else:
+                velocity = self._predict(x, sigma, labels, ("cond", hints))
+                if use_cfg:
+                    uncond = self._predict(x, sigma, null, ("uncond", hints))
+                    velocity = uncond + guidance_scale * (velocity - uncond)
+            x = self.scheduler.step(velocity, t, x, return_dict=False)[0]
+            if return_trajectory:
+                trajectory.append(x.clone())
+        return (x, trajectory) if return_trajectory else x
+
+    def _predict(
+        self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor, branch: tuple | None
+    ) -> torch.Tensor:
+        if branch is None:
+            return self.model.predict(x, sigma, labels)
+        name, hints = branch
+        with self.transformer.cache_context(name, **hints):
+            return self.model.predict(x, sigma, labels)

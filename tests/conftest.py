@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from ditcache.testing import TINY_MODELS, tiny_inputs, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(params=TINY_MODELS)
+def family(request):
+    return request.param
+
+
+def uncond_inputs(inputs):
+    """Same conditioning shapes, zeroed text: a stand-in negative prompt."""
+    return {
+        k: (torch.zeros_like(v) if k == "encoder_hidden_states" else v)
+        for k, v in inputs.items()
+        if k != "hidden_states"
+    }
+
+
+@pytest.fixture
+def setup(family):
+    model = tiny_model(family)
+    inputs = tiny_inputs(family, batch=2)
+    return family, model, inputs, uncond_inputs(inputs)
