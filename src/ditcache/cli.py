@@ -1,0 +1,133 @@
+"""Command line: `ditcache generate | train-ref | presets | models`.
+
+Run `ditcache <command> --help` for the options of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .registry import presets
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from . import apply
+    from .refmodels import RefPipeline, get_spec
+    from .refmodels.evaluate import balanced_labels, score
+    from .visual import save_samples
+
+    spec = get_spec(args.model)
+    pipe = RefPipeline.from_pretrained(args.model)
+    labels = balanced_labels(args.samples, spec.num_classes)
+    run = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, cfg_mode=args.cfg)
+
+    reference = None
+    if args.policy != "none":
+        start = time.perf_counter()
+        reference = pipe(labels, **run)
+        base_seconds = time.perf_counter() - start
+        print(f"uncached: {base_seconds:.2f} s")
+    handle = apply(pipe, args.policy)
+    try:
+        start = time.perf_counter()
+        samples = pipe(labels, **run)
+        seconds = time.perf_counter() - start
+        stats = handle.stats()
+    finally:
+        handle.remove()
+    written = save_samples(samples, args.out)
+    metrics = score(args.model, samples, labels, reference)
+    print(f"{args.model}, {args.steps} steps, policy {args.policy}: {seconds:.2f} s for {args.samples} samples")
+    if reference is not None:
+        print(f"wall-clock speedup {base_seconds / seconds:.2f}x, MACs speedup {stats.macs_speedup:.2f}x")
+    print(stats.summary())
+    print("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print("wrote " + ", ".join(str(p) for p in written))
+    if args.json:
+        payload = {"seconds": seconds, "metrics": metrics, "stats": stats.to_dict(), "files": [str(p) for p in written]}
+        print(json.dumps(payload, indent=2, default=float))
+    return 0
+
+
+def _cmd_train_ref(args: argparse.Namespace) -> int:
+    from .metrics.classifier import train_classifier
+    from .refmodels.train import train
+
+    out_dir = args.out_dir
+    if not args.classifier_only:
+        meta = train(args.model, max_steps=args.steps, minutes=args.minutes, seed=args.seed, out_dir=out_dir)
+        print(json.dumps(meta, indent=2))
+    accuracy = train_classifier(args.model, steps=args.classifier_steps, seed=args.seed, out_dir=out_dir)
+    print(f"classifier held-out accuracy on real samples: {accuracy:.3f}")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    for name, help_text in presets().items():
+        print(f"{name:24s} {help_text}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .adapters import supported_models
+    from .refmodels import SPECS
+
+    print("diffusers classes with an adapter: " + ", ".join(supported_models()))
+    for name, spec in SPECS.items():
+        shape = "x".join(map(str, spec.sample_shape))
+        print(f"{name:10s} {spec.transformer and spec.family} transformer, samples {shape}, {spec.num_classes} classes")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditcache", description="Feature caching for diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="sample a reference model with a caching policy and score the result")
+    gen.add_argument("--model", default="ref-image", choices=("ref-image", "ref-video"))
+    gen.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    gen.add_argument("--policy", default="none", help="preset name; `ditcache presets` lists them (default none)")
+    gen.add_argument("--samples", type=int, default=32, help="number of samples, classes cycled (default 32)")
+    gen.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    gen.add_argument("--cfg", default="separate", choices=("separate", "batched"), help="CFG as 2 forwards or 1")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", default="samples.png", help="output file (.png grid; .gif for videos)")
+    gen.add_argument("--json", action="store_true", help="also print metrics and stats as JSON")
+    gen.set_defaults(func=_cmd_generate)
+
+    tr = sub.add_parser("train-ref", help="train a reference model and its classifier (CPU, <= 30 min)")
+    tr.add_argument("model", choices=("ref-image", "ref-video"))
+    tr.add_argument("--minutes", type=float, default=28.0, help="time budget for the model (default 28)")
+    tr.add_argument("--steps", type=int, default=100_000, help="step budget (default: time-limited)")
+    tr.add_argument("--classifier-steps", type=int, default=800)
+    tr.add_argument("--classifier-only", action="store_true", help="retrain only the metric classifier")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out-dir", default=None, help="where to write weights (default: the package's weights/)")
+    tr.set_defaults(func=_cmd_train_ref)
+
+    sub.add_parser("presets", help="list policy presets").set_defaults(func=_cmd_presets)
+    sub.add_parser("models", help="list supported model classes and reference models").set_defaults(func=_cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "steps", 1) < 1:
+        print("ditcache: --steps must be a positive integer", file=sys.stderr)
+        return 2
+    torch.set_grad_enabled(False) if args.command == "generate" else None
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        print(f"ditcache: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
