@@ -11,7 +11,7 @@ from .adapters import BlockListSpec, LatentGrid, ModelAdapter, register_adapter,
 from .api import apply
 from .config import PolicyConfig
 from .engine import CacheHandle, ForwardInfo, Stats
-from .policies import NoCacheConfig, Policy, StaticIntervalConfig
+from .policies import NoCacheConfig, Policy, PreciseCacheConfig, StaticIntervalConfig, TeaCacheConfig
 from .registry import preset, presets, register_policy, register_preset
 
 __version__ = "0.1.0"
@@ -25,8 +25,10 @@ __all__ = [
     "NoCacheConfig",
     "Policy",
     "PolicyConfig",
+    "PreciseCacheConfig",
     "StaticIntervalConfig",
     "Stats",
+    "TeaCacheConfig",
     "apply",
     "preset",
     "presets",

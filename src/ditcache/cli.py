@@ -68,6 +68,29 @@ def _cmd_train_ref(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, markdown_table, run_bench, write_files
+
+    policies = tuple(p for p in args.policies.split(",") if p) if args.policies else ()
+    fewer = tuple(int(n) for n in args.fewer_steps.split(",")) if args.fewer_steps else None
+    config = BenchConfig(
+        model=args.model,
+        steps=args.steps,
+        policies=policies,
+        peers=args.peers,
+        samples=args.samples,
+        repeats=args.repeats,
+        seed=args.seed,
+        fewer_steps=fewer,
+    )
+    result = run_bench(config)
+    print(f"machine: {result.machine}")
+    print(markdown_table(result))
+    for path in write_files(result, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     for name, help_text in presets().items():
         print(f"{name:24s} {help_text}")
@@ -110,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out-dir", default=None, help="where to write weights (default: the package's weights/)")
     tr.set_defaults(func=_cmd_train_ref)
+
+    bench = sub.add_parser("bench", help="policies vs fewer steps vs peers: speed and quality in one run")
+    bench.add_argument("--model", default="ref-image", choices=("ref-image", "ref-video"))
+    bench.add_argument("--steps", type=int, default=50)
+    bench.add_argument(
+        "--policies",
+        default="static-2,static-3,fora-2,fora-3",
+        help="comma-separated preset names (`ditcache presets`)",
+    )
+    bench.add_argument("--peers", action="store_true", help="also run cache-dit and diffusers' cache hooks")
+    bench.add_argument("--samples", type=int, default=16)
+    bench.add_argument("--repeats", type=int, default=3, help="timed rounds, interleaved (median is reported)")
+    bench.add_argument("--fewer-steps", default=None, help="comma-separated step counts (default: steps/1.5../5)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--out", default="bench-out", help="folder for bench.json/csv/md/png")
+    bench.set_defaults(func=_cmd_bench)
 
     sub.add_parser("presets", help="list policy presets").set_defaults(func=_cmd_presets)
     sub.add_parser("models", help="list supported model classes and reference models").set_defaults(func=_cmd_models)

@@ -67,8 +67,22 @@ class ModelAdapter:
     latent_layout: str
     # Reads the post-patch token grid from the model and the forward kwargs.
     grid: Callable[[torch.nn.Module, dict[str, Any]], LatentGrid]
+    # Extra forward kwargs a forward on a smaller latent grid needs (Flux: position ids of the new grid).
+    resized_kwargs: Callable[[dict[str, Any], LatentGrid], dict[str, Any]] | None = None
+    # Patch size (frames, height, width) the latent must stay divisible by after downsampling.
+    patch: Callable[[torch.nn.Module], tuple[int, int, int]] = lambda model: (1, 1, 1)
+    # (first block, its args, its kwargs) -> the timestep-modulated input of that block: the cheap
+    # feature TeaCache-style criteria watch.
+    modulated_input: Callable[[torch.nn.Module, tuple, dict[str, Any]], torch.Tensor] | None = None
     hidden_states_arg: str = "hidden_states"
     timestep_arg: str = "timestep"
     # Positional order of the model's forward arguments we need to find when passed positionally.
     forward_args: tuple[str, ...] = ("hidden_states",)
     notes: str = ""
+
+
+def adaln_zero_modulated_input(block: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """Blocks whose `norm1` is an AdaLayerNormZero called as `norm1(hidden_states, emb=temb)` (Flux, SD3)."""
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    temb = kwargs["temb"] if "temb" in kwargs else args[2]
+    return block.norm1(hidden_states, emb=temb)[0]

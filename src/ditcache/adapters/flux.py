@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 
-from .base import BlockListSpec, LatentGrid, ModelAdapter
+from .base import BlockListSpec, LatentGrid, ModelAdapter, adaln_zero_modulated_input
 
 
 def _flux_grid(model: torch.nn.Module, kwargs: dict[str, Any]) -> LatentGrid:
@@ -18,7 +18,15 @@ def _flux_grid(model: torch.nn.Module, kwargs: dict[str, Any]) -> LatentGrid:
     ids = img_ids[0] if img_ids.ndim == 3 else img_ids
     height = int(ids[:, 1].max().item()) + 1
     width = int(ids[:, 2].max().item()) + 1
-    return LatentGrid(frames=1, height=height, width=width, patch=(1, 2, 2))
+    return LatentGrid(frames=1, height=height, width=width)  # the grid is in tokens
+
+
+def _flux_resized_kwargs(kwargs: dict[str, Any], grid: LatentGrid) -> dict[str, Any]:
+    img_ids = torch.zeros(grid.height * grid.width, 3)
+    img_ids[:, 1] = torch.arange(grid.height).repeat_interleave(grid.width)
+    img_ids[:, 2] = torch.arange(grid.width).repeat(grid.height)
+    like = kwargs["img_ids"]
+    return {"img_ids": img_ids.to(device=like.device, dtype=like.dtype)}
 
 
 FLUX = ModelAdapter(
@@ -44,5 +52,7 @@ FLUX = ModelAdapter(
     ),
     latent_layout="BNC",
     grid=_flux_grid,
+    resized_kwargs=_flux_resized_kwargs,
+    modulated_input=adaln_zero_modulated_input,
     forward_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
 )

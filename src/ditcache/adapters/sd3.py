@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from diffusers import SD3Transformer2DModel
 
-from .base import BlockListSpec, LatentGrid, ModelAdapter
+from .base import BlockListSpec, LatentGrid, ModelAdapter, adaln_zero_modulated_input
 
 
 def _sd3_grid(model: torch.nn.Module, kwargs: dict[str, Any]) -> LatentGrid:
@@ -31,5 +31,7 @@ SD3 = ModelAdapter(
     ),
     latent_layout="BCHW",
     grid=_sd3_grid,
+    patch=lambda model: (1, model.config.patch_size, model.config.patch_size),
+    modulated_input=adaln_zero_modulated_input,
     forward_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
 )

@@ -18,6 +18,16 @@ def _wan_grid(model: torch.nn.Module, kwargs: dict[str, Any]) -> LatentGrid:
     )
 
 
+def _wan_modulated_input(block: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    # Same arithmetic as WanTransformerBlock.forward's first modulation (Wan 2.1 temb layout).
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    temb = kwargs["temb"] if "temb" in kwargs else args[2]
+    if temb.ndim != 3:
+        raise ValueError("per-token timesteps (Wan 2.2 TI2V) are not supported by modulated-input criteria")
+    shift, scale = (block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
+    return block.norm1(hidden_states.float()) * (1 + scale) + shift
+
+
 WAN = ModelAdapter(
     name="wan",
     model_class=WanTransformer3DModel,
@@ -33,5 +43,7 @@ WAN = ModelAdapter(
     ),
     latent_layout="BCFHW",
     grid=_wan_grid,
+    patch=lambda model: tuple(model.config.patch_size),
+    modulated_input=_wan_modulated_input,
     forward_args=("hidden_states", "timestep", "encoder_hidden_states"),
 )

@@ -2,6 +2,18 @@
 
 from .base import Policy
 from .nocache import NoCacheConfig, NoCachePolicy
+from .precisecache import PreciseCacheConfig, PreciseCachePolicy
 from .static import StaticIntervalConfig, StaticIntervalPolicy
+from .teacache import TeaCacheConfig, TeaCachePolicy
 
-__all__ = ["NoCacheConfig", "NoCachePolicy", "Policy", "StaticIntervalConfig", "StaticIntervalPolicy"]
+__all__ = [
+    "NoCacheConfig",
+    "NoCachePolicy",
+    "Policy",
+    "PreciseCacheConfig",
+    "PreciseCachePolicy",
+    "StaticIntervalConfig",
+    "StaticIntervalPolicy",
+    "TeaCacheConfig",
+    "TeaCachePolicy",
+]

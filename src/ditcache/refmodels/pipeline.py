@@ -27,6 +27,8 @@ class RefPipeline:
         self.spec: RefModelSpec = model.spec
         self.transformer = model.transformer
         self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        self.current_timestep: float | None = None  # for hooks that ask for it (diffusers' PAB)
+        self.separate_cfg = True  # how the last/next call runs CFG (cache-dit needs to know)
 
     @classmethod
     def from_pretrained(cls, name: str, weights_dir: Path | None = None) -> RefPipeline:
@@ -69,8 +71,10 @@ class RefPipeline:
         use_cfg = guidance_scale != 1.0
         null = torch.full_like(labels, self.spec.null_class)
         self.scheduler.set_timesteps(num_inference_steps)
+        self.separate_cfg = cfg_mode == "separate"
         trajectory = [x.clone()]
         for i, t in enumerate(self.scheduler.timesteps):
+            self.current_timestep = float(t)
             sigma = (t / 1000.0).expand(len(labels))
             hints = {"step_index": i, "num_inference_steps": num_inference_steps}
             if use_cfg and cfg_mode == "batched":
@@ -82,7 +86,7 @@ class RefPipeline:
                 if use_cfg:
                     uncond = self._predict(x, sigma, null, ("uncond", hints))
                     velocity = uncond + guidance_scale * (velocity - uncond)
-            x = self.scheduler.step(velocity, t, x, return_dict=False)[0]
+            x = self.scheduler.step(velocity.to(x.dtype), t, x, return_dict=False)[0]
             if return_trajectory:
                 trajectory.append(x.clone())
         return (x, trajectory) if return_trajectory else x

@@ -1,0 +1,137 @@
+"""The peers, applied to the very same transformer: diffusers' own cache hooks and cache-dit.
+
+A peer that is not installed, or that does not support the model, becomes a skipped row with the reason;
+it never crashes the benchmark. Install cache-dit with `pip install -c constraints-cpu.txt -e ".[peers]"`.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib.util
+import io
+from typing import Any
+
+from .variants import Detach, Variant
+
+
+def _diffusers_hook(label: str, steps: int, make_config: Any) -> Variant:
+    def attach(pipe: Any) -> Detach:
+        pipe.transformer.enable_cache(make_config(pipe))
+
+        def detach() -> dict[str, Any]:
+            pipe.transformer.disable_cache()
+            return {}
+
+        return detach
+
+    return Variant(label=label, kind="peer", steps=steps, attach=attach)
+
+
+def calibrate_mag_ratios(pipe: Any, run: Any, steps: int) -> list[float]:
+    """MagCache's calibration mode only prints its ratios; capture and parse them."""
+    from diffusers import MagCacheConfig
+
+    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            run()
+    finally:
+        pipe.transformer.disable_cache()
+    lists = [line for line in buffer.getvalue().splitlines() if line.strip().startswith("[")]
+    if not lists:
+        raise RuntimeError("MagCache calibration printed no ratios")
+    return [float(v) for v in ast.literal_eval(lists[-1].strip())]
+
+
+def diffusers_peers(steps: int, mag_ratios: list[float] | None) -> list[Variant]:
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+
+    variants = [
+        _diffusers_hook(f"diffusers FBCache {t}", steps, lambda pipe, t=t: FirstBlockCacheConfig(threshold=t))
+        for t in (0.05, 0.1, 0.2)
+    ]
+    variants += [
+        _diffusers_hook(
+            f"diffusers TaylorSeer N={n}",
+            steps,
+            lambda pipe, n=n: TaylorSeerCacheConfig(
+                cache_interval=n, disable_cache_before_step=3, max_order=1, taylor_factors_dtype=None
+            ),
+        )
+        for n in (3, 5)
+    ]
+    if mag_ratios is not None:
+        variants += [
+            _diffusers_hook(
+                f"diffusers MagCache {t}",
+                steps,
+                lambda pipe, t=t: MagCacheConfig(threshold=t, num_inference_steps=steps, mag_ratios=list(mag_ratios)),
+            )
+            for t in (0.06, 0.12)
+        ]
+    variants.append(
+        _diffusers_hook(
+            "diffusers PAB",
+            steps,
+            lambda pipe: PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=2,
+                spatial_attention_timestep_skip_range=(100, 900),
+                current_timestep_callback=lambda: pipe.current_timestep,
+            ),
+        )
+    )
+    return variants
+
+
+def cache_dit_peers(steps: int) -> list[Variant]:
+    if importlib.util.find_spec("cache_dit") is None:
+        return [Variant(label="cache-dit", kind="peer", steps=steps, skip_reason="cache-dit is not installed")]
+    variants = []
+    for fn, thresholds in ((1, (0.08, 0.16)), (8, (0.08, 0.16))):
+        for threshold in thresholds:
+            for taylor in (False, True):
+                label = f"cache-dit DBCache F{fn}B0 {threshold}" + (" +TaylorSeer" if taylor else "")
+                variants.append(
+                    Variant(
+                        label=label, kind="peer", steps=steps, attach=_cache_dit_attach(fn, threshold, taylor, steps)
+                    )
+                )
+    return variants
+
+
+def _cache_dit_attach(fn: int, threshold: float, taylor: bool, steps: int) -> Any:
+    def attach(pipe: Any) -> Detach:
+        import logging
+
+        import cache_dit
+
+        logging.getLogger("cache_dit").setLevel(logging.ERROR)
+        blocks = sum(
+            len(getattr(pipe.transformer, a, [])) for a in ("transformer_blocks", "single_transformer_blocks", "blocks")
+        )
+        config = cache_dit.DBCacheConfig(
+            Fn_compute_blocks=min(fn, blocks),
+            Bn_compute_blocks=0,
+            residual_diff_threshold=threshold,
+            max_warmup_steps=2,
+            num_inference_steps=steps,
+            enable_separate_cfg=pipe.separate_cfg,
+        )
+        calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if taylor else None
+        with contextlib.redirect_stdout(io.StringIO()):
+            cache_dit.enable_cache(pipe.transformer, cache_config=config, calibrator_config=calibrator)
+
+        def detach() -> dict[str, Any]:
+            stats = {}
+            with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
+                summary = cache_dit.summary(pipe.transformer)
+                if summary:
+                    stats["cached_steps"] = len(summary[0].cached_steps) + len(summary[0].cfg_cached_steps)
+            cache_dit.disable_cache(pipe.transformer)
+            return stats
+
+        return detach
+
+    return attach

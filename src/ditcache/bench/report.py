@@ -1,0 +1,140 @@
+"""Benchmark output: markdown table, CSV and JSON files, and a Pareto plot (speedup vs PSNR)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from .runner import BenchConfig, BenchResult, Row
+
+COLUMNS = (
+    ("label", "method", "{}"),
+    ("steps", "steps", "{}"),
+    ("speedup", "wall speedup", "{:.2f}x"),
+    ("macs_speedup", "MACs speedup", "{:.2f}x"),
+    ("efficiency", "efficiency", "{:.2f}"),
+    ("psnr", "PSNR dB", "{:.2f}"),
+    ("ssim", "SSIM", "{:.3f}"),
+    ("accuracy", "class acc", "{:.3f}"),
+    ("fd", "FD", "{:.2f}"),
+)
+
+
+def _fmt(fmt: str, value: object) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "–"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞"
+    return fmt.format(value)
+
+
+def markdown_table(result: BenchResult) -> str:
+    columns = list(COLUMNS)
+    if any(not math.isnan(r.temporal) for r in result.rows):
+        columns.append(("temporal", "temporal", "{:.3f}"))
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " | notes |", "|" + "---|" * (len(columns) + 1)]
+    for row in result.rows:
+        cells = [_fmt(fmt, getattr(row, key)) for key, _, fmt in columns]
+        lines.append("| " + " | ".join(cells) + f" | {_notes(row)} |")
+    return "\n".join(lines)
+
+
+def _notes(row: Row) -> str:
+    if row.status != "ok":
+        return f"{row.status}: {row.reason}"
+    extra = row.extra
+    if "reused_forwards" in extra:
+        return (
+            f"{extra['reused_forwards']}/{extra['forwards']} forwards reused, "
+            f"{extra['blocks_per_forward']:.1f}/{extra['blocks_total']} blocks/forward"
+        )
+    if "cached_steps" in extra:
+        return f"{extra['cached_steps']} cached steps"
+    return ""
+
+
+def write_files(result: BenchResult, out_dir: str | Path) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path, md_path, png_path = (out / f"bench.{ext}" for ext in ("json", "csv", "md", "png"))
+    json_path.write_text(json.dumps(to_dict(result), indent=2, default=_json_default) + "\n")
+    with csv_path.open("w", newline="") as handle:
+        fields = [f.name for f in dataclasses.fields(Row) if f.name != "extra"]
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for row in result.rows:
+            writer.writerow({k: getattr(row, k) for k in fields})
+    md_path.write_text(f"machine: {result.machine}\n\n{markdown_table(result)}\n")
+    pareto_plot(result, png_path)
+    return [json_path, csv_path, md_path, png_path]
+
+
+def _json_default(value: object) -> object:
+    return str(value)
+
+
+def to_dict(result: BenchResult) -> dict:
+    return {
+        "config": dataclasses.asdict(result.config),
+        "machine": result.machine,
+        "rows": [{k: _nan_to_none(v) for k, v in dataclasses.asdict(r).items()} for r in result.rows],
+    }
+
+
+def _nan_to_none(value: object) -> object:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def from_dict(data: dict) -> BenchResult:
+    config = data["config"]
+    config = BenchConfig(
+        **{**config, "policies": tuple(config["policies"]), "fewer_steps": tuple(config["fewer_steps"])}
+    )
+    rows = [
+        Row(
+            **{
+                k: (float("nan") if v is None and k not in ("label", "kind", "status", "reason") else v)
+                for k, v in r.items()
+            }
+        )
+        for r in data["rows"]
+    ]
+    return BenchResult(config=config, rows=rows, machine=data["machine"])
+
+
+def load(path: str | Path) -> BenchResult:
+    return from_dict(json.loads(Path(path).read_text()))
+
+
+def pareto_plot(result: BenchResult, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    ok = [r for r in result.rows if r.status == "ok" and r.kind != "baseline" and math.isfinite(r.psnr)]
+    fewer = sorted((r for r in ok if r.kind == "fewer-steps"), key=lambda r: r.speedup)
+    if fewer:
+        ax.plot([r.speedup for r in fewer], [r.psnr for r in fewer], "-o", color="gray", label="fewer steps")
+        for r in fewer:
+            ax.annotate(
+                str(r.steps), (r.speedup, r.psnr), fontsize=7, color="gray", xytext=(3, 3), textcoords="offset points"
+            )
+    for kind, marker, color in (("ditcache", "s", "tab:blue"), ("peer", "^", "tab:orange")):
+        points = [r for r in ok if r.kind == kind]
+        ax.scatter([r.speedup for r in points], [r.psnr for r in points], marker=marker, color=color, label=kind)
+        for r in points:
+            ax.annotate(r.label, (r.speedup, r.psnr), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    ax.set_xlabel("wall-clock speedup vs uncached (x)")
+    ax.set_ylabel("PSNR vs uncached output (dB)")
+    ax.set_title(f"{result.config.model}, {result.config.steps} steps: speed vs fidelity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,214 @@
+"""PreciseCache (paper 004): LFCache decides per step, BlockCache skips blocks inside computed steps.
+
+LFCache. The first `warmup_steps` (3) are always computed. At every later step the model runs a cheap
+*trial* forward on a downsampled latent; the low-frequency part (centred circular FFT mask, radius
+`radius` x min(H, W)) of that trial prediction is compared (L2) with the low-frequency part of the
+downsampled cached prediction. This low-frequency difference (LFD) is accumulated; while the sum stays
+below delta the cached prediction is reused, otherwise the step is computed and the sum reset.
+delta = alpha x the largest LFD seen during warm-up (trials run there too, to measure it).
+
+CFG. The paper caches the final guided prediction. Here each branch caches its own prediction and the
+decision is taken once per step, by the first branch that reaches it (its trial is the only one), and
+applied to every branch: reusing cond and uncond together is exactly reusing the guided prediction.
+
+BlockCache. In a computed step that refreshes, every block runs and its change ||output - input|| is
+measured; the `block_cache_ratio` share of blocks that changed least is skipped (input + cached residual)
+in the next `block_cache_steps` computed steps, then the choice is refreshed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from ..config import PolicyConfig, check_float, check_int
+from ..engine.calls import BlockCall, ForwardCall, sample_of
+from ..engine.latents import downsample, from_5d, to_5d
+from ..registry import register_policy, register_preset
+from .base import Policy, is_finite
+
+PAPER_DOWNSAMPLE_VIDEO = (2, 4, 4)
+PAPER_DOWNSAMPLE_IMAGE = (1, 4, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreciseCacheConfig(PolicyConfig):
+    alpha: float = 0.5  # delta = alpha * max warm-up LFD; larger = more reuse
+    warmup_steps: int = 3  # always computed; LFDs measured at steps 1..warmup_steps-1 set delta
+    # (frames, height, width) pooling of the trial latent; None = the paper's 2x4x4 (video) / 4x4
+    # (image), each factor halved until it divides the latent grid and keeps it divisible by the patch.
+    downsample: tuple[int, int, int] | None = None
+    radius: float = 0.2  # low-frequency mask radius as a fraction of min(H, W) of the trial grid
+    block_cache_ratio: float = 0.0  # share of blocks skipped by BlockCache (0 = off)
+    block_cache_steps: int = 3  # L: computed steps that reuse one block selection
+
+    def __post_init__(self) -> None:
+        check_float("alpha", self.alpha, 0.0, 100.0, low_open=True)
+        check_int("warmup_steps", self.warmup_steps, 2)
+        if self.downsample is not None:
+            if not isinstance(self.downsample, tuple) or len(self.downsample) != 3:
+                raise ValueError(f"downsample must be None or a (frames, height, width) tuple, got {self.downsample!r}")
+            for axis, factor in zip(("frames", "height", "width"), self.downsample):
+                check_int(f"downsample[{axis}]", factor, 1, 64)
+        check_float("radius", self.radius, 0.0, 1.0, low_open=True)
+        check_float("block_cache_ratio", self.block_cache_ratio, 0.0, 0.95)
+        check_int("block_cache_steps", self.block_cache_steps, 1)
+
+
+def low_frequency(x5: torch.Tensor, radius: float) -> torch.Tensor:
+    """Centred 2-D spectrum of (B, C, F, H, W) masked to a disc of `radius` x min(H, W)."""
+    spectrum = torch.fft.fftshift(torch.fft.fft2(x5.float(), dim=(-2, -1)), dim=(-2, -1))
+    h, w = x5.shape[-2:]
+    rows = torch.arange(h, device=x5.device).view(-1, 1) - h // 2
+    cols = torch.arange(w, device=x5.device).view(1, -1) - w // 2
+    mask = (rows**2 + cols**2).float().sqrt() <= radius * min(h, w)
+    return spectrum * mask
+
+
+def auto_downsample(grid: tuple[int, int, int], patch: tuple[int, int, int], video: bool) -> tuple[int, int, int]:
+    """The paper's factors, each halved until the pooled grid stays divisible by the patch size."""
+    factors = list(PAPER_DOWNSAMPLE_VIDEO if video else PAPER_DOWNSAMPLE_IMAGE)
+    for i in range(3):
+        while factors[i] > 1 and (grid[i] % factors[i] or (grid[i] // factors[i]) % patch[i]):
+            factors[i] //= 2
+    return tuple(factors)
+
+
+@dataclasses.dataclass
+class LFCacheController:
+    """The step decision of LFCache from a stream of LFD values (pure logic, no tensors)."""
+
+    alpha: float
+    warmup_steps: int
+    warmup_lfds: list[float] = dataclasses.field(default_factory=list)
+    accumulated: float = 0.0
+    delta: float | None = None
+
+    def decide(self, step: int, lfd: float) -> bool:
+        """True = reuse the cached prediction at `step`, given its LFD."""
+        if step < self.warmup_steps:
+            self.warmup_lfds.append(lfd)
+            return False
+        if self.delta is None:
+            self.delta = self.alpha * max(self.warmup_lfds, default=0.0)
+        self.accumulated += lfd
+        if self.accumulated < self.delta:
+            return True
+        self.accumulated = 0.0
+        return False
+
+
+@register_policy(PreciseCacheConfig)
+class PreciseCachePolicy(Policy):
+    def __init__(self, config: PreciseCacheConfig, adapter: Any) -> None:
+        super().__init__(config, adapter)
+        self.uses_block_hooks = config.block_cache_ratio > 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.decisions: dict[int, bool] = {}  # step -> reuse?
+        self.controller = LFCacheController(self.config.alpha, self.config.warmup_steps)
+        self.lfd_trace: list[tuple[int, float]] = []  # (step, LFD) for analysis
+
+    def new_branch_state(self) -> dict[str, Any]:
+        return {"output": None, "residuals": {}, "change": {}, "skip": set(), "uses_left": 0, "mode": "full"}
+
+    # ------------------------------------------------------------------ LFCache
+    def forward(self, call: ForwardCall) -> Any:
+        step, state = call.info.step, call.state
+        if step not in self.decisions:
+            self.decisions[step] = self._decide(call)
+        if self.decisions[step] and state["output"] is not None:
+            return call.reuse(state["output"])
+        self._plan_blocks(state)
+        output = call.run()
+        self._after_blocks(state)
+        sample = sample_of(output)
+        if is_finite(sample):
+            state["output"] = sample
+        else:
+            state["output"] = None
+            call.record.nonfinite = True
+        return output
+
+    def _decide(self, call: ForwardCall) -> bool:
+        cached = call.state["output"]
+        if cached is None:
+            return False
+        lfd = self.trial_lfd(call, cached)
+        self.lfd_trace.append((call.info.step, lfd))
+        return self.controller.decide(call.info.step, lfd)
+
+    def trial_lfd(self, call: ForwardCall, cached: torch.Tensor) -> float:
+        """LFD between a trial forward on the downsampled latent and the downsampled cached prediction."""
+        adapter, model = self.adapter, self.engine.model
+        grid = adapter.grid(model, call.arguments)
+        layout = adapter.latent_layout
+        x5 = to_5d(call.hidden_states, layout, grid)
+        factors = self.config.downsample or auto_downsample(
+            tuple(x5.shape[2:]), adapter.patch(model), video=layout == "BCFHW"
+        )
+        small5 = downsample(x5, factors)
+        overrides: dict[str, Any] = {adapter.hidden_states_arg: from_5d(small5, layout)}
+        if adapter.resized_kwargs is not None:
+            small_grid = dataclasses.replace(
+                grid, frames=small5.shape[2], height=small5.shape[3], width=small5.shape[4]
+            )
+            overrides.update(adapter.resized_kwargs(call.arguments, small_grid))
+        trial = call.run_trial(**overrides)
+        trial5 = to_5d(
+            trial,
+            layout,
+            dataclasses.replace(grid, frames=small5.shape[2], height=small5.shape[3], width=small5.shape[4]),
+        )
+        cached5 = downsample(to_5d(cached, layout, grid), factors)
+        lfd = torch.linalg.vector_norm(
+            low_frequency(trial5, self.config.radius) - low_frequency(cached5, self.config.radius)
+        )
+        value = float(lfd)
+        return value if math.isfinite(value) else float("inf")  # non-finite trial: compute the step
+
+    # ------------------------------------------------------------------ BlockCache
+    def _plan_blocks(self, state: dict[str, Any]) -> None:
+        if not self.uses_block_hooks:
+            return
+        if state["skip"] and state["uses_left"] > 0:
+            state["mode"] = "partial"
+            state["uses_left"] -= 1
+        else:
+            state["mode"] = "full"
+
+    def _after_blocks(self, state: dict[str, Any]) -> None:
+        if not self.uses_block_hooks or state["mode"] != "full" or not state["change"]:
+            return
+        count = int(round(self.config.block_cache_ratio * len(self.engine.blocks)))
+        ranked = sorted(state["change"], key=state["change"].get)
+        state["skip"] = set(ranked[:count])
+        state["uses_left"] = self.config.block_cache_steps
+
+    def block(self, call: BlockCall) -> Any:
+        state = call.forward.state
+        position = call.ref.position
+        if state["mode"] == "partial" and position in state["skip"] and position in state["residuals"]:
+            return call.skip(state["residuals"][position])
+        inputs = call.inputs()
+        output = call.run()
+        if state["mode"] == "full":
+            residuals = call.residuals(inputs, call.outputs_of(output))
+            state["residuals"][position] = residuals
+            state["change"][position] = math.sqrt(
+                sum(float(r.float().pow(2).sum()) for r in residuals.values() if r is not None)
+            )
+        return output
+
+
+register_preset("precisecache-base", lambda: PreciseCacheConfig(alpha=0.5), "PreciseCache LFCache, alpha 0.5")
+register_preset("precisecache-turbo", lambda: PreciseCacheConfig(alpha=0.7), "PreciseCache LFCache, alpha 0.7")
+register_preset(
+    "precisecache-flash",
+    lambda: PreciseCacheConfig(alpha=0.7, block_cache_ratio=0.4, block_cache_steps=3),
+    "PreciseCache turbo + BlockCache (40% of blocks cached, L = 3)",
+)

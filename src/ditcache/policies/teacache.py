@@ -1,0 +1,90 @@
+"""TeaCache-style baseline: accumulated relative L1 change of the first block's modulated input.
+
+At every forward, before the first block runs, the timestep-modulated input of that block (the adapter
+says how to get it; it costs one norm) is compared with the one of the last forward of the same branch:
+rel_l1 = mean|m_t - m_prev| / mean|m_prev|. The values are accumulated (optionally through TeaCache's
+rescaling polynomial); below `threshold` every block is skipped by adding its residual cached at the last
+computed step (the sum of per-block residuals is TeaCache's whole-stack residual); otherwise the step is
+computed and the sum reset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..config import PolicyConfig, check_float, check_int
+from ..engine.calls import BlockCall, ForwardCall
+from ..registry import register_policy, register_preset
+from .base import Policy, is_finite
+
+
+@dataclasses.dataclass(frozen=True)
+class TeaCacheConfig(PolicyConfig):
+    threshold: float = 0.1  # accumulated rel-L1 under which steps are reused
+    warmup_steps: int = 1
+    # Coefficients (highest power first) of the polynomial applied to each rel-L1 before accumulating;
+    # () means identity. TeaCache fits one per model; none is fitted for the reference models.
+    rescale: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_float("threshold", self.threshold, 0.0, 100.0)
+        check_int("warmup_steps", self.warmup_steps, 1)
+        if not isinstance(self.rescale, tuple) or not all(isinstance(c, (int, float)) for c in self.rescale):
+            raise ValueError(f"rescale must be a tuple of numbers, got {self.rescale!r}")
+
+
+@register_policy(TeaCacheConfig)
+class TeaCachePolicy(Policy):
+    uses_block_hooks = True
+
+    def __init__(self, config: TeaCacheConfig, adapter: Any) -> None:
+        if adapter.modulated_input is None:
+            raise TypeError(f"the {adapter.name} adapter has no modulated_input; TeaCache needs it")
+        super().__init__(config, adapter)
+
+    def new_branch_state(self) -> dict[str, Any]:
+        return {"previous": None, "accumulated": 0.0, "residuals": {}, "skip": False}
+
+    def forward(self, call: ForwardCall) -> Any:
+        call.state["skip"] = False
+        return call.run()
+
+    def rel_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
+        value = float((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))
+        if self.config.rescale:
+            value = float(sum(c * value**p for p, c in enumerate(reversed(self.config.rescale))))
+        return value
+
+    def block(self, call: BlockCall) -> Any:
+        state = call.forward.state
+        if call.ref.position == 0:
+            modulated = self.adapter.modulated_input(call.ref.module, call._args, call._kwargs).detach()
+            previous, state["previous"] = state["previous"], modulated
+            complete = len(state["residuals"]) == len(self.engine.blocks)
+            if previous is not None and complete and call.info.step >= self.config.warmup_steps:
+                state["accumulated"] += self.rel_l1(modulated, previous)
+                state["skip"] = state["accumulated"] < self.config.threshold
+            if not state["skip"]:
+                state["accumulated"] = 0.0
+        if state["skip"]:
+            return call.skip(state["residuals"][call.ref.position])
+        inputs = call.inputs()
+        output = call.run()
+        residuals = call.residuals(inputs, call.outputs_of(output))
+        if all(r is None or is_finite(r) for r in residuals.values()):
+            state["residuals"][call.ref.position] = residuals
+        else:
+            state["residuals"].pop(call.ref.position, None)
+            call.forward.record.nonfinite = True
+        return output
+
+
+for _t in (0.05, 0.1, 0.2, 0.3):
+    register_preset(
+        f"teacache-{_t}",
+        lambda t=_t: TeaCacheConfig(threshold=t),
+        f"TeaCache-style: skip all blocks while accumulated rel-L1 of the modulated input < {_t}",
+    )
