@@ -11,8 +11,15 @@ from .adapters import BlockListSpec, LatentGrid, ModelAdapter, register_adapter,
 from .api import apply
 from .config import PolicyConfig
 from .engine import CacheHandle, ForwardInfo, Stats
-from .policies import NoCacheConfig, Policy, PreciseCacheConfig, StaticIntervalConfig, TeaCacheConfig
-from .registry import preset, presets, register_policy, register_preset
+from .policies import (
+    NoCacheConfig,
+    Policy,
+    PreciseCacheConfig,
+    ReuseScheduleConfig,
+    StaticIntervalConfig,
+    TeaCacheConfig,
+)
+from .registry import parse_policy, preset, presets, register_policy, register_preset
 
 __version__ = "0.1.0"
 
@@ -26,10 +33,12 @@ __all__ = [
     "Policy",
     "PolicyConfig",
     "PreciseCacheConfig",
+    "ReuseScheduleConfig",
     "StaticIntervalConfig",
     "Stats",
     "TeaCacheConfig",
     "apply",
+    "parse_policy",
     "preset",
     "presets",
     "register_adapter",

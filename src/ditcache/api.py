@@ -10,7 +10,7 @@ from .adapters import adapter_for
 from .config import PolicyConfig
 from .engine.engine import Engine
 from .engine.handle import CacheHandle
-from .registry import policy_for, preset
+from .registry import parse_policy, policy_for
 
 
 def _resolve_target(target: Any) -> tuple[torch.nn.Module, Any]:
@@ -27,14 +27,15 @@ def _resolve_target(target: Any) -> tuple[torch.nn.Module, Any]:
 
 
 def apply(target: Any, config: PolicyConfig | str) -> CacheHandle:
-    """Attach the policy described by `config` (a config object or a preset name) to `target`.
+    """Attach the policy described by `config` to `target`: a config object, a preset name, or a preset
+    name with overrides ("precisecache-base:alpha=0.9").
 
     Returns a handle with `remove()`, `reset()` and `stats()`. Raises `RuntimeError` if the model already
     has ditcache applied, `TypeError` for an unsupported model (the message lists supported classes and
     shows how to register an adapter).
     """
     if isinstance(config, str):
-        config = preset(config)
+        config = parse_policy(config)
     if not isinstance(config, PolicyConfig):
         raise TypeError(f"config must be a PolicyConfig or a preset name, got {type(config).__name__}")
     model, scheduler = _resolve_target(target)

@@ -91,6 +91,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from .analysis.precisecache import plot_study, step_impact_study
+    from .refmodels import RefPipeline
+
+    pipe = RefPipeline.from_pretrained(args.model)
+    study = step_impact_study(pipe, args.model, steps=args.steps, samples=args.samples)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "step-impact.json").write_text(json.dumps(dataclasses.asdict(study), indent=2) + "\n")
+    plot_study(study, str(out / "step-impact.png"))
+    print(study.markdown())
+    print(f"wrote {out / 'step-impact.json'}, {out / 'step-impact.png'}")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     for name, help_text in presets().items():
         print(f"{name:24s} {help_text}")
@@ -149,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", default="bench-out", help="folder for bench.json/csv/md/png")
     bench.set_defaults(func=_cmd_bench)
+
+    an = sub.add_parser("analyze", help="reproduce a paper's analysis on a reference model")
+    an.add_argument("study", choices=("precisecache",), help="precisecache: single-step reuse impact vs LFD")
+    an.add_argument("--model", default="ref-image", choices=("ref-image", "ref-video"))
+    an.add_argument("--steps", type=int, default=50)
+    an.add_argument("--samples", type=int, default=8)
+    an.add_argument("--out", default="analysis-out")
+    an.set_defaults(func=_cmd_analyze)
 
     sub.add_parser("presets", help="list policy presets").set_defaults(func=_cmd_presets)
     sub.add_parser("models", help="list supported model classes and reference models").set_defaults(func=_cmd_models)

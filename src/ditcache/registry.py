@@ -62,3 +62,26 @@ def preset(name: str) -> PolicyConfig:
 def presets() -> dict[str, str]:
     """Preset names with one line of help each."""
     return dict(sorted(_PRESET_HELP.items()))
+
+
+def parse_policy(spec: str) -> PolicyConfig:
+    """A preset name with optional overrides: "precisecache-base:alpha=0.9:warmup_steps=4".
+
+    Values are Python literals (numbers, tuples, strings); the result is validated like any config."""
+    import ast
+
+    name, *overrides = spec.split(":")
+    config = preset(name)
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"policy override {item!r} in {spec!r} must look like key=value")
+        try:
+            changes[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            changes[key] = value
+    try:
+        return config.replace(**changes) if changes else config
+    except TypeError as error:
+        raise ValueError(f"{spec!r}: {error}") from None

@@ -80,12 +80,9 @@ def to_dict(result: BenchResult) -> dict:
     return {
         "config": dataclasses.asdict(result.config),
         "machine": result.machine,
-        "rows": [{k: _nan_to_none(v) for k, v in dataclasses.asdict(r).items()} for r in result.rows],
+        # NaN / inf stay as Python's json writes them (NaN, Infinity), so the file round-trips exactly.
+        "rows": [dataclasses.asdict(r) for r in result.rows],
     }
-
-
-def _nan_to_none(value: object) -> object:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def from_dict(data: dict) -> BenchResult:

@@ -35,11 +35,12 @@ def fewer_steps(steps: int) -> Variant:
 
 
 def ditcache_policy(name: str, steps: int) -> Variant:
-    """A ditcache preset name (or `name=config` built elsewhere)."""
-    from .. import apply, preset
+    """A ditcache preset name, optionally with overrides ("precisecache-base:alpha=0.9")."""
+    from .. import apply
+    from ..registry import parse_policy
 
     try:
-        preset(name)
+        parse_policy(name)
     except ValueError as error:
         raise ValueError(f"--policies: {error}") from None
 

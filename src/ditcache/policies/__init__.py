@@ -3,7 +3,7 @@
 from .base import Policy
 from .nocache import NoCacheConfig, NoCachePolicy
 from .precisecache import PreciseCacheConfig, PreciseCachePolicy
-from .static import StaticIntervalConfig, StaticIntervalPolicy
+from .static import ReuseScheduleConfig, ReuseSchedulePolicy, StaticIntervalConfig, StaticIntervalPolicy
 from .teacache import TeaCacheConfig, TeaCachePolicy
 
 __all__ = [
@@ -12,6 +12,8 @@ __all__ = [
     "Policy",
     "PreciseCacheConfig",
     "PreciseCachePolicy",
+    "ReuseScheduleConfig",
+    "ReuseSchedulePolicy",
     "StaticIntervalConfig",
     "StaticIntervalPolicy",
     "TeaCacheConfig",

@@ -25,10 +25,11 @@ from typing import Any
 import torch
 
 from ..config import PolicyConfig, check_float, check_int
-from ..engine.calls import BlockCall, ForwardCall, sample_of
+from ..engine.calls import BlockCall, ForwardCall
 from ..engine.latents import downsample, from_5d, to_5d
 from ..registry import register_policy, register_preset
-from .base import Policy, is_finite
+from .base import Policy
+from .static import reuse_or_compute
 
 PAPER_DOWNSAMPLE_VIDEO = (2, 4, 4)
 PAPER_DOWNSAMPLE_IMAGE = (1, 4, 4)
@@ -124,14 +125,8 @@ class PreciseCachePolicy(Policy):
         if self.decisions[step] and state["output"] is not None:
             return call.reuse(state["output"])
         self._plan_blocks(state)
-        output = call.run()
+        output = reuse_or_compute(call, reuse=False)
         self._after_blocks(state)
-        sample = sample_of(output)
-        if is_finite(sample):
-            state["output"] = sample
-        else:
-            state["output"] = None
-            call.record.nonfinite = True
         return output
 
     def _decide(self, call: ForwardCall) -> bool:

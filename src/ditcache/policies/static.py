@@ -39,6 +39,43 @@ class StaticIntervalConfig(PolicyConfig):
         return (step - self.warmup_steps) % self.interval == 0
 
 
+@dataclasses.dataclass(frozen=True)
+class ReuseScheduleConfig(PolicyConfig):
+    """Reuse exactly the listed steps (the last computed output, per branch); compute all others.
+
+    Used for analyses (the impact of reusing one single step) and by methods that calibrate a schedule
+    offline."""
+
+    reuse_steps: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reuse_steps, tuple):
+            raise ValueError(f"reuse_steps must be a tuple of step indices, got {self.reuse_steps!r}")
+        for step in self.reuse_steps:
+            check_int("reuse_steps[...]", step, 1)
+
+
+@register_policy(ReuseScheduleConfig)
+class ReuseSchedulePolicy(Policy):
+    def new_branch_state(self) -> dict[str, Any]:
+        return {"output": None}
+
+    def forward(self, call: ForwardCall) -> Any:
+        return reuse_or_compute(call, call.info.step in self.config.reuse_steps)
+
+
+def reuse_or_compute(call: ForwardCall, reuse: bool) -> Any:
+    """Shared by output-reusing policies: reuse `call.state["output"]` or compute and cache it."""
+    state = call.state
+    if reuse and state["output"] is not None:
+        return call.reuse(state["output"])
+    output = call.run()
+    sample = sample_of(output)
+    state["output"] = sample if is_finite(sample) else None
+    call.record.nonfinite = state["output"] is None
+    return output
+
+
 @register_policy(StaticIntervalConfig)
 class StaticIntervalPolicy(Policy):
     def __init__(self, config: StaticIntervalConfig, adapter: Any) -> None:
@@ -53,13 +90,7 @@ class StaticIntervalPolicy(Policy):
         state = call.state
         compute = config.computes(call.info.step, call.info.num_steps)
         if config.reuse == "output":
-            if not compute and state["output"] is not None:
-                return call.reuse(state["output"])
-            output = call.run()
-            sample = sample_of(output)
-            state["output"] = sample if is_finite(sample) else None
-            call.record.nonfinite = state["output"] is None
-            return output
+            return reuse_or_compute(call, not compute)
         # Block residual reuse: blocks decide from this flag; residuals must exist for every block.
         state["reusing"] = not compute and len(state["residuals"]) == len(self.engine.blocks)
         return call.run()

@@ -44,6 +44,10 @@ class TeaCachePolicy(Policy):
         if adapter.modulated_input is None:
             raise TypeError(f"the {adapter.name} adapter has no modulated_input; TeaCache needs it")
         super().__init__(config, adapter)
+        self.reset()
+
+    def reset(self) -> None:
+        self.trace: list[tuple[int, str, float]] = []  # (step, branch, rel-L1) for analysis
 
     def new_branch_state(self) -> dict[str, Any]:
         return {"previous": None, "accumulated": 0.0, "residuals": {}, "skip": False}
@@ -64,8 +68,10 @@ class TeaCachePolicy(Policy):
             modulated = self.adapter.modulated_input(call.ref.module, call._args, call._kwargs).detach()
             previous, state["previous"] = state["previous"], modulated
             complete = len(state["residuals"]) == len(self.engine.blocks)
+            if previous is not None:
+                self.trace.append((call.info.step, call.info.branch, self.rel_l1(modulated, previous)))
             if previous is not None and complete and call.info.step >= self.config.warmup_steps:
-                state["accumulated"] += self.rel_l1(modulated, previous)
+                state["accumulated"] += self.trace[-1][2]
                 state["skip"] = state["accumulated"] < self.config.threshold
             if not state["skip"]:
                 state["accumulated"] = 0.0

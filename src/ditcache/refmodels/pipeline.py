@@ -31,9 +31,11 @@ class RefPipeline:
         self.separate_cfg = True  # how the last/next call runs CFG (cache-dit needs to know)
 
     @classmethod
-    def from_pretrained(cls, name: str, weights_dir: Path | None = None) -> RefPipeline:
-        """Load a shipped reference model (safetensors, never pickle)."""
-        spec = get_spec(name)
+    def from_pretrained(
+        cls, name: str, weights_dir: Path | None = None, spec: RefModelSpec | None = None
+    ) -> RefPipeline:
+        """Load a shipped reference model (safetensors, never pickle); `spec` overrides the named one."""
+        spec = spec or get_spec(name)
         path = Path(weights_dir or WEIGHTS_DIR) / f"{spec.name}.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"no weights for {name} at {path}; train them with `ditcache train-ref {name}`")

@@ -1,0 +1,1 @@
+"""Analyses that reproduce the papers' evidence on the reference models."""

@@ -1,0 +1,77 @@
+"""The benchmark harness on a tiny reference-shaped model: rows, columns, ratios, peers, files."""
+
+import importlib.util
+import math
+
+import pytest
+
+from ditcache.bench import BenchConfig, load, markdown_table, run_bench, write_files
+from ditcache.bench.peers import cache_dit_peers
+from ditcache.refmodels import RefModel, RefPipeline
+
+from .test_refmodels import TINY_IMAGE
+
+
+@pytest.fixture(scope="module")
+def result():
+    pipe = RefPipeline(RefModel(TINY_IMAGE))
+    config = BenchConfig(
+        model="ref-image", steps=6, policies=("static-2", "fora-2"), peers=True, samples=4, repeats=2, fewer_steps=(3,)
+    )
+    return run_bench(config, pipe=pipe, progress=False)
+
+
+def test_all_rows_and_columns(result):
+    labels = [r.label for r in result.rows]
+    assert labels[:4] == ["uncached 6 steps", "fewer steps (3)", "static-2", "fora-2"]
+    assert any(label.startswith("diffusers FBCache") for label in labels)
+    base = result.rows[0]
+    assert base.speedup == pytest.approx(1.0) and base.macs_speedup == pytest.approx(1.0)
+    assert base.psnr == math.inf  # the baseline is its own reference
+    for row in result.rows:
+        if row.status == "ok":
+            for field in ("seconds", "speedup", "macs_speedup", "efficiency", "psnr", "ssim", "accuracy", "fd"):
+                assert not math.isnan(getattr(row, field)), (row.label, field)
+    table = markdown_table(result)
+    assert "MACs speedup" in table and "fewer steps (3)" in table
+
+
+def test_ratios_come_from_the_same_run(result):
+    base = result.rows[0]
+    fewer = next(r for r in result.rows if r.kind == "fewer-steps")
+    assert fewer.speedup == pytest.approx(base.seconds / fewer.seconds)
+    # MACs are counted by the same flop counter for every row: half the steps, half the MACs.
+    assert fewer.macs_speedup == pytest.approx(2.0, rel=1e-6)
+    static = next(r for r in result.rows if r.label == "static-2")
+    assert static.extra["reused_forwards"] == 4  # steps 3 and 5, both branches
+    assert static.macs_speedup == pytest.approx(static.extra["stats_macs_speedup"], rel=1e-6)
+    assert static.efficiency == pytest.approx(static.speedup / static.macs_speedup)
+
+
+def test_missing_peer_is_skipped_not_crashed(result, monkeypatch):
+    rows = [r for r in result.rows if r.label.startswith("cache-dit")]
+    if importlib.util.find_spec("cache_dit") is None:
+        assert [r.status for r in rows] == ["skipped"] and "not installed" in rows[0].reason
+    else:
+        assert rows and all(r.status in ("ok", "failed") for r in rows)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "cache_dit" else real_find_spec(n, *a))
+    variants = cache_dit_peers(6)
+    assert len(variants) == 1 and not variants[0].available
+
+
+def test_results_round_trip(result, tmp_path):
+    paths = write_files(result, tmp_path)
+    assert {p.suffix for p in paths} == {".json", ".csv", ".md", ".png"}
+    loaded = load(tmp_path / "bench.json")
+    assert [r.label for r in loaded.rows] == [r.label for r in result.rows]
+    for a, b in zip(loaded.rows, result.rows):
+        for field in ("speedup", "macs_speedup", "psnr", "accuracy"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (math.isnan(x) and math.isnan(y)) or x == y
+    assert loaded.config.steps == 6
+
+
+def test_unknown_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="--policies"):
+        run_bench(BenchConfig(steps=2, policies=("nope",)), pipe=RefPipeline(RefModel(TINY_IMAGE)), progress=False)

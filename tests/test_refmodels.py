@@ -1,0 +1,87 @@
+"""Reference models: data, packing, training on a tiny config, shipped weights, sampler, classifier."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import ditcache
+from ditcache.metrics.classifier import class_accuracy, load_classifier, real_samples
+from ditcache.refmodels import REF_IMAGE, REF_VIDEO, RefModel, RefPipeline
+from ditcache.refmodels.data import CLASS_PHOTOS, sample_images, sample_videos
+from ditcache.refmodels.models import pack, unpack
+from ditcache.refmodels.train import train
+
+TINY_IMAGE = dataclasses.replace(
+    REF_IMAGE,
+    transformer=dict(
+        REF_IMAGE.transformer,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        axes_dims_rope=(2, 2, 4),
+    ),
+)
+
+
+def test_data_is_deterministic_in_range_and_videos_move():
+    labels = torch.arange(8)
+    a = sample_images(labels, generator=torch.Generator().manual_seed(0))
+    b = sample_images(labels, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (8, 3, 32, 32) and torch.equal(a, b)
+    assert a.min() >= -1 and a.max() <= 1
+    video = sample_videos(labels, frames=8, size=16, generator=torch.Generator().manual_seed(0))
+    assert video.shape == (8, 3, 8, 16, 16)
+    motion = (video[:, :, 1:] - video[:, :, :-1]).abs().mean(dim=(1, 2, 3, 4))
+    assert (motion > 0.01).all()  # every clip really pans
+
+
+def test_pack_unpack_roundtrip():
+    x = torch.randn(2, 3, 32, 32)
+    tokens = pack(x, 4)
+    assert tokens.shape == (2, 64, 48)
+    assert torch.equal(unpack(tokens, 4, (32, 32)), x)
+
+
+def test_training_runs_on_a_tiny_config_and_loads_back(tmp_path):
+    meta = train("ref-image", spec=TINY_IMAGE, max_steps=3, batch=4, out_dir=tmp_path, progress=False)
+    assert meta["steps"] == 3 and meta["final_loss"] == meta["final_loss"]  # finite, not NaN
+    pipe = RefPipeline.from_pretrained("ref-image", weights_dir=tmp_path, spec=TINY_IMAGE)
+    out = pipe([0, 1], num_inference_steps=3, seed=0)
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_missing_weights_say_how_to_train(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-ref"):
+        RefPipeline.from_pretrained("ref-image", weights_dir=tmp_path)
+
+
+def test_cfg_batched_equals_separate():
+    pipe = RefPipeline(RefModel(TINY_IMAGE))
+    separate = pipe([0, 3], num_inference_steps=4, seed=1, cfg_mode="separate")
+    batched = pipe([0, 3], num_inference_steps=4, seed=1, cfg_mode="batched")
+    torch.testing.assert_close(separate, batched, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="cfg_mode"):
+        pipe([0], cfg_mode="both")
+
+
+@pytest.mark.parametrize("name", ["ref-image", "ref-video"])
+def test_shipped_weights_sample_deterministically(name):
+    pipe = RefPipeline.from_pretrained(name)
+    a = pipe([0, 5], num_inference_steps=3, seed=7)
+    b = pipe([0, 5], num_inference_steps=3, seed=7)
+    assert torch.equal(a, b)
+    spec = REF_IMAGE if name == "ref-image" else REF_VIDEO
+    assert a.shape == (2, *spec.sample_shape) and torch.isfinite(a).all()
+    handle = ditcache.apply(pipe, "none")
+    assert torch.equal(pipe([0, 5], num_inference_steps=3, seed=7), a)
+    handle.remove()
+
+
+@pytest.mark.parametrize("name", ["ref-image", "ref-video"])
+def test_shipped_classifier_recognises_real_samples(name):
+    net = load_classifier(name)
+    samples, labels = real_samples(name, 64, seed=5)
+    assert class_accuracy(net, samples, labels) >= 0.9
+    assert len(CLASS_PHOTOS) == 8
