@@ -13,6 +13,7 @@ from .config import PolicyConfig
 from .engine import CacheHandle, ForwardInfo, Stats
 from .policies import (
     NoCacheConfig,
+    OmniCacheConfig,
     Policy,
     PreciseCacheConfig,
     ReuseScheduleConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "LatentGrid",
     "ModelAdapter",
     "NoCacheConfig",
+    "OmniCacheConfig",
     "Policy",
     "PolicyConfig",
     "PreciseCacheConfig",

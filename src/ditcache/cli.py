@@ -109,6 +109,24 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .calibration.omnicache import calibrate
+    from .calibration.profiles import PROFILE_DIR
+    from .refmodels import RefPipeline
+
+    pipe = RefPipeline.from_pretrained(args.model)
+    profile = calibrate(pipe, args.model, steps=args.steps, samples=args.samples, seed=args.seed)
+    out = Path(args.out) if args.out else PROFILE_DIR / f"{args.method}-{args.model}-{args.steps}.json"
+    profile.save(out)
+    for speed, steps in profile.data["schedules"].items():
+        print(f"{speed}: reuse {len(steps)}/{args.steps} steps: {steps}")
+    print("gamma: " + ", ".join(f"{g:.2f}" for g in profile.data["gamma"]))
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     for name, help_text in presets().items():
         print(f"{name:24s} {help_text}")
@@ -175,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--samples", type=int, default=8)
     an.add_argument("--out", default="analysis-out")
     an.set_defaults(func=_cmd_analyze)
+
+    cal = sub.add_parser("calibrate", help="offline calibration of a method on a reference model (JSON profile)")
+    cal.add_argument("method", choices=("omnicache",))
+    cal.add_argument("--model", default="ref-image", choices=("ref-image", "ref-video"))
+    cal.add_argument("--steps", type=int, default=50)
+    cal.add_argument("--samples", type=int, default=8)
+    cal.add_argument("--seed", type=int, default=1)
+    cal.add_argument("--out", default=None, help="profile path (default: the package's shipped profiles)")
+    cal.set_defaults(func=_cmd_calibrate)
 
     sub.add_parser("presets", help="list policy presets").set_defaults(func=_cmd_presets)
     sub.add_parser("models", help="list supported model classes and reference models").set_defaults(func=_cmd_models)

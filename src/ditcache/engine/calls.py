@@ -51,13 +51,20 @@ class ForwardCall:
         self.engine, self.info, self.state, self.record = engine, info, state, record
         self._original, self._args, self._kwargs = original, args, kwargs
         self.arguments = engine.bind_forward_args(args, kwargs)
+        self._passes_started = False
 
     @property
     def hidden_states(self) -> torch.Tensor:
         return self.arguments[self.engine.adapter.hidden_states_arg]
 
     def run(self) -> Any:
-        """Compute this forward (blocks go through the policy's block hook when it has one)."""
+        """Compute this forward (blocks go through the policy's block hook when it has one).
+
+        A policy may call it more than once (e.g. a cheap variant with cached submodules first); every
+        pass is counted in stats and MACs."""
+        if self._passes_started:
+            self.record.passes += 1
+        self._passes_started = True
         start = time.perf_counter()
         output = self._original(*self._args, **self._kwargs)
         self.record.compute_seconds += time.perf_counter() - start
@@ -142,3 +149,29 @@ class BlockCall:
     @staticmethod
     def residuals(inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor | None]) -> dict:
         return {name: None if out is None else out - inputs[name] for name, out in outputs.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class SubmoduleRef:
+    block: BlockRef
+    role: str  # "attention" | "mlp"
+    attr: str  # attribute name on the block, e.g. "attn1"
+
+    @property
+    def name(self) -> str:
+        return f"{self.block.name}.{self.attr}"
+
+
+class SubmoduleCall:
+    """One call of a block's attention or MLP submodule; `reuse(output)` returns a cached output."""
+
+    def __init__(self, forward: ForwardCall, ref: SubmoduleRef, original: Callable, args: tuple, kwargs: dict) -> None:
+        self.forward, self.ref = forward, ref
+        self._original, self._args, self._kwargs = original, args, kwargs
+
+    def run(self) -> Any:
+        return self._original(*self._args, **self._kwargs)
+
+    def reuse(self, output: Any) -> Any:
+        self.forward.record.skipped_submodules.append(self.ref.name)
+        return output

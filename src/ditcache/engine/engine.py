@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..adapters import ModelAdapter
-from .calls import BlockCall, BlockRef, ForwardCall, shape_key
+from .calls import BlockCall, BlockRef, ForwardCall, SubmoduleCall, SubmoduleRef, shape_key
 from .context import StepTracker
 from .hooks import AttributeOverride, ForwardHook
 from .macs import CostTable, measure_costs
@@ -36,6 +36,7 @@ class Engine:
         self.model, self.adapter, self.policy = model, adapter, policy
         self.tracker = StepTracker(scheduler)
         self.blocks = self._find_blocks()
+        self.submodules = self._find_submodules()
         self.hooks_blocks = policy.uses_block_hooks
         self._states: dict[str, Any] = {}
         self._active_generation: int | None = None
@@ -60,6 +61,15 @@ class Engine:
                 refs.append(BlockRef(spec, index, len(refs), f"{spec.attr}.{index}", block))
         return refs
 
+    def _find_submodules(self) -> list[SubmoduleRef]:
+        refs = []
+        for block in self.blocks:
+            for role, attrs in (("attention", block.spec.attention), ("mlp", block.spec.mlp)):
+                for attr in attrs:
+                    if isinstance(getattr(block.module, attr, None), torch.nn.Module):
+                        refs.append(SubmoduleRef(block, role, attr))
+        return refs
+
     def install(self) -> None:
         if getattr(self.model, ENGINE_ATTR, None) is not None:
             raise RuntimeError(
@@ -70,6 +80,10 @@ class Engine:
         if self.hooks_blocks:
             for ref in self.blocks:
                 self._hooks.append(ForwardHook(ref.module, functools.partial(self._block_forward, ref)))
+        if self.policy.uses_submodule_hooks:
+            for sub in self.submodules:
+                module = getattr(sub.block.module, sub.attr)
+                self._hooks.append(ForwardHook(module, functools.partial(self._submodule_forward, sub)))
         original_cache_context = getattr(self.model, "cache_context", None)
         if original_cache_context is not None:
 
@@ -167,13 +181,22 @@ class Engine:
             return original(*args, **kwargs)
         return self.policy.block(BlockCall(call, ref, original, args, kwargs))
 
+    def _submodule_forward(self, ref: SubmoduleRef, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        call = self._current
+        if call is None or self._bypass:
+            return original(*args, **kwargs)
+        return self.policy.submodule(SubmoduleCall(call, ref, original, args, kwargs))
+
     # ----------------------------------------------------------------- stats
     def _cost(self, key: tuple) -> CostTable:
         if key not in self._costs:
             example = self._examples.pop(key)
             with self.bypassed():
                 self._costs[key] = measure_costs(
-                    lambda: self.model(**example), self.model, [ref.name for ref in self.blocks]
+                    lambda: self.model(**example),
+                    self.model,
+                    [ref.name for ref in self.blocks],
+                    [sub.name for sub in self.submodules],
                 )
         return self._costs[key]
 
@@ -195,9 +218,9 @@ class Engine:
             cost = self._cost(record.shape_key)
             macs_full += cost.total
             if record.kind != REUSED:
-                macs_executed += cost.outside_blocks + round(
-                    sum(c * f for c, f in zip(cost.blocks, record.block_fraction))
-                )
+                one_pass = cost.outside_blocks + sum(c * f for c, f in zip(cost.blocks, record.block_fraction))
+                skipped = sum(cost.submodules.get(name, 0) for name in record.skipped_submodules)
+                macs_executed += round(record.passes * one_pass) - skipped
             macs_executed += sum(self._cost(key).total for key in record.trial_keys)
             token_sum += sum(record.block_fraction)
         reused = [(r.step, r.branch) for r in records if r.kind == REUSED]

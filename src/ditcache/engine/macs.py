@@ -39,18 +39,22 @@ def _custom_mapping() -> dict:
 class CostTable:
     total: int  # MACs of one full forward
     blocks: tuple[int, ...]  # MACs of each hooked block, in engine order
+    submodules: dict[str, int] = dataclasses.field(default_factory=dict)  # "blocks.0.attn1" -> MACs
 
     @property
     def outside_blocks(self) -> int:
         return self.total - sum(self.blocks)
 
 
-def measure_costs(run: Callable[[], Any], model: torch.nn.Module, block_names: Sequence[str]) -> CostTable:
-    """Run `run()` (one uncached forward) under a flop counter and split the count per block."""
+def measure_costs(
+    run: Callable[[], Any], model: torch.nn.Module, block_names: Sequence[str], submodule_names: Sequence[str] = ()
+) -> CostTable:
+    """Run `run()` (one uncached forward) under a flop counter and split the count per block/submodule."""
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as counter:
         run()
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     root = type(model).__name__
     total = counts.get("Global", 0) // 2
     blocks = tuple(counts.get(f"{root}.{name}", 0) // 2 for name in block_names)
-    return CostTable(total=total, blocks=blocks)
+    submodules = {name: counts.get(f"{root}.{name}", 0) // 2 for name in submodule_names}
+    return CostTable(total=total, blocks=blocks, submodules=submodules)

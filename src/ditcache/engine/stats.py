@@ -27,6 +27,8 @@ class ForwardRecord:
     # Fraction of each block's tokens that were computed (0.0 = skipped, 1.0 = fully computed).
     block_fraction: list[float] = dataclasses.field(default_factory=list)
     trial_keys: list[tuple] = dataclasses.field(default_factory=list)
+    passes: int = 1  # model passes with hooks active (a policy may run a second, cheaper variant)
+    skipped_submodules: list[str] = dataclasses.field(default_factory=list)  # e.g. "blocks.3.attn1"
     compute_seconds: float = 0.0
     decide_seconds: float = 0.0
     nonfinite: bool = False

@@ -2,6 +2,7 @@
 
 from .base import Policy
 from .nocache import NoCacheConfig, NoCachePolicy
+from .omnicache_trajectory import OmniCacheConfig, OmniCacheTrajectoryPolicy
 from .precisecache import PreciseCacheConfig, PreciseCachePolicy
 from .static import ReuseScheduleConfig, ReuseSchedulePolicy, StaticIntervalConfig, StaticIntervalPolicy
 from .teacache import TeaCacheConfig, TeaCachePolicy
@@ -9,6 +10,8 @@ from .teacache import TeaCacheConfig, TeaCachePolicy
 __all__ = [
     "NoCacheConfig",
     "NoCachePolicy",
+    "OmniCacheConfig",
+    "OmniCacheTrajectoryPolicy",
     "Policy",
     "PreciseCacheConfig",
     "PreciseCachePolicy",

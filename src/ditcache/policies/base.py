@@ -14,7 +14,7 @@ import torch
 
 from ..adapters import ModelAdapter
 from ..config import PolicyConfig
-from ..engine.calls import BlockCall, ForwardCall
+from ..engine.calls import BlockCall, ForwardCall, SubmoduleCall
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 class Policy:
     uses_block_hooks: bool = False
+    uses_submodule_hooks: bool = False  # attention / MLP submodules named by the adapter
 
     def __init__(self, config: PolicyConfig, adapter: ModelAdapter) -> None:
         self.config = config
@@ -45,6 +46,9 @@ class Policy:
         return call.run()
 
     def block(self, call: BlockCall) -> Any:
+        return call.run()
+
+    def submodule(self, call: SubmoduleCall) -> Any:
         return call.run()
 
     def describe(self) -> str:

@@ -26,7 +26,7 @@ import torch
 
 from ..config import PolicyConfig, check_float, check_int
 from ..engine.calls import BlockCall, ForwardCall
-from ..engine.latents import downsample, from_5d, to_5d
+from ..engine.latents import downsample, frequency_masks, from_5d, to_5d
 from ..registry import register_policy, register_preset
 from .base import Policy
 from .static import reuse_or_compute
@@ -62,11 +62,7 @@ class PreciseCacheConfig(PolicyConfig):
 def low_frequency(x5: torch.Tensor, radius: float) -> torch.Tensor:
     """Centred 2-D spectrum of (B, C, F, H, W) masked to a disc of `radius` x min(H, W)."""
     spectrum = torch.fft.fftshift(torch.fft.fft2(x5.float(), dim=(-2, -1)), dim=(-2, -1))
-    h, w = x5.shape[-2:]
-    rows = torch.arange(h, device=x5.device).view(-1, 1) - h // 2
-    cols = torch.arange(w, device=x5.device).view(1, -1) - w // 2
-    mask = (rows**2 + cols**2).float().sqrt() <= radius * min(h, w)
-    return spectrum * mask
+    return spectrum * frequency_masks(x5.shape[-2], x5.shape[-1], radius, x5.device)
 
 
 def auto_downsample(grid: tuple[int, int, int], patch: tuple[int, int, int], video: bool) -> tuple[int, int, int]:

@@ -1,0 +1,81 @@
+"""Calibration profiles: plain JSON, tied to the model they were measured on and the step count.
+
+The model identity is a fingerprint of the class, its config and a sample of its weights, so a profile
+made for another model (or another checkpoint of the same architecture) is refused with a clear error.
+Profiles are never pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+class ProfileMismatchError(ValueError):
+    """A profile was made for another model or another number of steps."""
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", {})
+    digest = hashlib.sha256(type(model).__name__.encode())
+    digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters())[:: max(1, len(list(model.parameters())) // 16)]:
+            digest.update(param.detach().flatten()[:256].float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Profile:
+    method: str
+    model_name: str  # human-readable ("ref-image" or the class name)
+    fingerprint: str
+    num_steps: int
+    data: dict[str, Any]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        raw = json.loads(Path(path).read_text())
+        missing = {f.name for f in dataclasses.fields(cls)} - set(raw)
+        if missing:
+            raise ValueError(f"{path} is not a ditcache profile (missing {sorted(missing)})")
+        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls)})
+
+    @classmethod
+    def shipped(cls, method: str, model_name: str, num_steps: int) -> Profile:
+        path = PROFILE_DIR / f"{method}-{model_name}-{num_steps}.json"
+        if not path.exists():
+            have = sorted(p.stem for p in PROFILE_DIR.glob(f"{method}-*.json"))
+            raise FileNotFoundError(
+                f"no shipped {method} profile for {model_name} at {num_steps} steps (shipped: {have or 'none'}); "
+                f"make one with `ditcache calibrate {method} --model {model_name} --steps {num_steps}`"
+            )
+        return cls.load(path)
+
+    def check(self, method: str, model: torch.nn.Module, num_steps: int | None) -> None:
+        if self.method != method:
+            raise ProfileMismatchError(f"profile is for {self.method!r}, not {method!r}")
+        fingerprint = model_fingerprint(model)
+        if fingerprint != self.fingerprint:
+            raise ProfileMismatchError(
+                f"profile was calibrated on another model ({self.model_name}, fingerprint {self.fingerprint}); "
+                f"this {type(model).__name__} has fingerprint {fingerprint}: calibrate it first"
+            )
+        if num_steps is not None and num_steps != self.num_steps:
+            raise ProfileMismatchError(
+                f"profile was calibrated for {self.num_steps} steps but this generation has {num_steps}; "
+                f"calibrate for {num_steps} steps or sample with {self.num_steps}"
+            )

@@ -1,0 +1,151 @@
+"""OmniCache, trajectory-oriented (paper 002): curvature-scheduled reuse with cache-noise correction.
+
+Calibration (`ditcache calibrate omnicache`, see `calibration/omnicache.py`) measures the sampling
+trajectory's curvature in a 3-D projection and picks the reuse steps among the lowest-curvature ones
+(never three in a row), and estimates gamma_t, the correlation of the cache-induced noise between
+consecutive steps. At sampling time:
+
+- at a reuse step every block's attention and MLP outputs are replaced by those cached at the last
+  computed step (the rest of the block, the embedders and the final layer still run);
+- the cache-induced noise is estimated and subtracted: q_t ~ gamma_t * q_prev, where q_prev is measured at
+  the computed step just before (a cheap extra pass with cached attention/MLP minus the real output) and
+  chained through consecutive reuse steps (Eq. 9);
+- the correction is low-pass filtered in the first `filter_switch` share of the steps and high-pass
+  filtered after (early steps shape low frequencies, late steps details).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..calibration.profiles import PROFILE_DIR, Profile, ProfileMismatchError, model_fingerprint
+from ..config import PolicyConfig, check_choice, check_float
+from ..engine.calls import ForwardCall, SubmoduleCall, sample_of
+from ..engine.latents import frequency_split, from_5d, to_5d
+from ..registry import register_policy, register_preset
+from .base import Policy
+
+METHOD = "omnicache"
+SPEEDS = ("slow", "fast")
+
+
+@dataclasses.dataclass(frozen=True)
+class OmniCacheConfig(PolicyConfig):
+    speed: str = "slow"  # which schedule of the profile: "slow" (50% of steps reused) or "fast" (60%)
+    profile: str | None = None  # path of a profile JSON; None = the shipped profile matching the model
+    correction: bool = True  # subtract the estimated cache-induced noise
+    filtering: bool = True  # low-pass the correction early, high-pass it late
+    filter_switch: float = 0.5  # share of the steps after which the filter switches to high-pass
+    filter_radius: float = 0.25  # cut-off radius as a share of min(H, W) of the latent grid
+
+    def __post_init__(self) -> None:
+        check_choice("speed", self.speed, SPEEDS)
+        if self.profile is not None and not isinstance(self.profile, str):
+            raise ValueError(f"profile must be None or a path string, got {self.profile!r}")
+        check_choice("correction", self.correction, (True, False))
+        check_choice("filtering", self.filtering, (True, False))
+        check_float("filter_switch", self.filter_switch, 0.0, 1.0)
+        check_float("filter_radius", self.filter_radius, 0.0, 1.0, low_open=True)
+
+
+def find_profile(model: torch.nn.Module, num_steps: int, directory: Path = PROFILE_DIR) -> Profile:
+    fingerprint = model_fingerprint(model)
+    shipped = []
+    for path in sorted(directory.glob(f"{METHOD}-*.json")):
+        profile = Profile.load(path)
+        shipped.append(f"{profile.model_name}@{profile.num_steps}")
+        if profile.fingerprint == fingerprint and profile.num_steps == num_steps:
+            return profile
+    raise ProfileMismatchError(
+        f"no OmniCache profile for this {type(model).__name__} (fingerprint {fingerprint}) at {num_steps} steps; "
+        f"shipped: {', '.join(shipped) or 'none'}. Calibrate with `ditcache calibrate omnicache --model ... "
+        f"--steps {num_steps}` and pass profile=<path>"
+    )
+
+
+@register_policy(OmniCacheConfig)
+class OmniCacheTrajectoryPolicy(Policy):
+    uses_submodule_hooks = True
+
+    def __init__(self, config: OmniCacheConfig, adapter: Any) -> None:
+        super().__init__(config, adapter)
+        self._given = Profile.load(config.profile) if config.profile else None
+        self.profile: Profile | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.reuse_steps: frozenset[int] = frozenset()
+        self.gamma: list[float] = []
+        self.num_steps: int | None = None
+
+    def new_branch_state(self) -> dict[str, Any]:
+        return {"subs": {}, "q": None, "mode": "compute"}
+
+    def _prepare(self, call: ForwardCall) -> None:
+        num_steps = call.info.num_steps
+        if num_steps is None:
+            raise ValueError("OmniCache needs the number of steps: use a pipeline or handle.generation(num_steps=...)")
+        if self.num_steps == num_steps:
+            return
+        model = self.engine.model
+        profile = self._given or find_profile(model, num_steps)
+        profile.check(METHOD, model, num_steps)
+        self.profile = profile
+        self.reuse_steps = frozenset(profile.data["schedules"][self.config.speed])
+        self.gamma = list(profile.data["gamma"])
+        self.num_steps = num_steps
+
+    def forward(self, call: ForwardCall) -> Any:
+        self._prepare(call)
+        step, state, config = call.info.step, call.state, self.config
+        have_cache = len(state["subs"]) == len(self.engine.submodules)
+        if step in self.reuse_steps and have_cache:
+            state["mode"] = "reuse"
+            output = call.run()
+            if not (config.correction and state["q"] is not None):
+                return output
+            state["q"] = self.gamma[step] * state["q"]
+            return call.wrap(sample_of(output) - self._filtered(state["q"], call))
+        approx = None
+        if config.correction and step + 1 in self.reuse_steps and have_cache:
+            state["mode"] = "reuse"  # cheap pass with cached attention / MLP: measures q at this step
+            approx = sample_of(call.run())
+        state["mode"] = "compute"
+        output = call.run()
+        state["q"] = approx - sample_of(output) if approx is not None else None
+        return output
+
+    def _filtered(self, q: torch.Tensor, call: ForwardCall) -> torch.Tensor:
+        if not self.config.filtering:
+            return q
+        layout = self.adapter.latent_layout
+        grid = self.adapter.grid(self.engine.model, call.arguments)
+        low, high = frequency_split(to_5d(q, layout, grid), self.config.filter_radius)
+        early = call.info.step < self.config.filter_switch * self.num_steps
+        return from_5d(low if early else high, layout)
+
+    def submodule(self, call: SubmoduleCall) -> Any:
+        state = call.forward.state
+        name = call.ref.name
+        if state["mode"] == "reuse" and name in state["subs"]:
+            return call.reuse(state["subs"][name])
+        output = call.run()
+        if state["mode"] == "compute":
+            state["subs"][name] = output
+        return output
+
+
+register_preset(
+    "omnicache-slow",
+    lambda: OmniCacheConfig(speed="slow"),
+    "OmniCache trajectory: reuse 50% of steps (shipped profile), noise correction + filtering",
+)
+register_preset(
+    "omnicache-fast",
+    lambda: OmniCacheConfig(speed="fast"),
+    "OmniCache trajectory: reuse 60% of steps (shipped profile), noise correction + filtering",
+)
