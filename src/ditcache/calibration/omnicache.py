@@ -100,6 +100,23 @@ def calibrate(
         q = dict(handle._engine.policy.q)
     finally:
         handle.remove()
+    meta = {"samples": samples, "seed": seed, "guidance": guidance}
+    return build_profile(pipe.transformer, model_name, q, trajectory, steps, warmup, meta)
+
+
+def build_profile(
+    model: torch.nn.Module,
+    model_name: str,
+    q: dict[tuple[str, int], torch.Tensor],
+    trajectory: list[torch.Tensor],
+    steps: int,
+    warmup: int = 2,
+    meta: dict | None = None,
+) -> Profile:
+    """Profile from a calibration run's noise measurements and recorded states x_0..x_N (any sampler:
+    flow matching or epsilon prediction, the geometry and q are taken as they come)."""
+    if len(trajectory) != steps + 1:
+        raise ValueError(f"trajectory must hold steps + 1 = {steps + 1} states, got {len(trajectory)}")
     gamma = noise_gamma(q, steps)
     step_curvature = trajectory_curvature(trajectory)
     schedules = {
@@ -108,12 +125,10 @@ def calibrate(
     return Profile(
         method="omnicache",
         model_name=model_name,
-        fingerprint=model_fingerprint(pipe.transformer),
+        fingerprint=model_fingerprint(model),
         num_steps=steps,
         data={
-            "samples": samples,
-            "seed": seed,
-            "guidance": guidance,
+            **(meta or {}),
             "curvature": [float(c) if np.isfinite(c) else None for c in step_curvature],
             "gamma": gamma,
             "schedules": schedules,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..calibration.profiles import PROFILE_DIR, Profile, ProfileMismatchError, model_fingerprint
-from ..config import PolicyConfig, check_choice, check_float
+from ..config import PolicyConfig, check_bool, check_choice, check_float
 from ..engine.calls import ForwardCall, SubmoduleCall, sample_of
 from ..engine.latents import frequency_split, from_5d, to_5d
 from ..registry import register_policy, register_preset
@@ -46,8 +46,8 @@ class OmniCacheConfig(PolicyConfig):
         check_choice("speed", self.speed, SPEEDS)
         if self.profile is not None and not isinstance(self.profile, str):
             raise ValueError(f"profile must be None or a path string, got {self.profile!r}")
-        check_choice("correction", self.correction, (True, False))
-        check_choice("filtering", self.filtering, (True, False))
+        check_bool("correction", self.correction)
+        check_bool("filtering", self.filtering)
         check_float("filter_switch", self.filter_switch, 0.0, 1.0)
         check_float("filter_radius", self.filter_radius, 0.0, 1.0, low_open=True)
 
