@@ -127,6 +127,29 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .refmodels.evaluate import reference_report
+
+    steps = tuple(int(n) for n in args.steps.split(","))
+    report = reference_report(args.model, samples=args.samples, steps=steps)
+    print(f"{args.model}: {args.samples} samples, scored against the {steps[0]}-step samples of the same seeds")
+    print(
+        "| steps | class acc | FD | PSNR vs first | SSIM vs first |" + (" temporal |" if "video" in args.model else "")
+    )
+    print("|---|---|---|---|---|" + ("---|" if "video" in args.model else ""))
+    for key, row in report.items():
+        cells = [
+            f"{row['accuracy']:.3f}",
+            f"{row['fd']:.2f}",
+            f"{row.get('psnr', float('nan')):.2f}",
+            f"{row.get('ssim', float('nan')):.3f}",
+        ]
+        if "temporal" in row:
+            cells.append(f"{row['temporal']:.3f}")
+        print(f"| {key} | " + " | ".join(cells) + " |")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     for name, help_text in presets().items():
         print(f"{name:24s} {help_text}")
@@ -152,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="ref-image", choices=("ref-image", "ref-video"))
     gen.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     gen.add_argument("--policy", default="none", help="preset name; `ditcache presets` lists them (default none)")
-    gen.add_argument("--samples", type=int, default=32, help="number of samples, classes cycled (default 32)")
+    gen.add_argument("--samples", type=int, default=16, help="number of samples, classes cycled (default 16)")
     gen.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
     gen.add_argument("--cfg", default="separate", choices=("separate", "batched"), help="CFG as 2 forwards or 1")
     gen.add_argument("--seed", type=int, default=0)
@@ -203,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--out", default=None, help="profile path (default: the package's shipped profiles)")
     cal.set_defaults(func=_cmd_calibrate)
 
+    ev = sub.add_parser("evaluate", help="quality of a reference model at several step counts (uncached)")
+    ev.add_argument("model", choices=("ref-image", "ref-video"))
+    ev.add_argument("--samples", type=int, default=32)
+    ev.add_argument("--steps", default="50,25,17,10,5", help="comma-separated; the first is the reference")
+    ev.set_defaults(func=_cmd_evaluate)
+
     sub.add_parser("presets", help="list policy presets").set_defaults(func=_cmd_presets)
     sub.add_parser("models", help="list supported model classes and reference models").set_defaults(func=_cmd_models)
     return parser
@@ -210,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "steps", 1) < 1:
+    if isinstance(getattr(args, "steps", None), int) and args.steps < 1:
         print("ditcache: --steps must be a positive integer", file=sys.stderr)
         return 2
     torch.set_grad_enabled(False) if args.command == "generate" else None

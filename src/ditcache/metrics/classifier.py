@@ -84,9 +84,10 @@ def train_classifier(
     generator = torch.Generator().manual_seed(seed)
     net = SampleClassifier()
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    per_item = 1 if get_spec(model_name).is_video else 1
+    spec = get_spec(model_name)
+    per_item = spec.sample_shape[1] if spec.is_video else 1  # a video gives `frames` training images
     for _ in tqdm(range(steps), desc=f"classifier {model_name}", disable=not progress, mininterval=5):
-        labels = torch.randint(0, len(CLASS_PHOTOS), (batch // per_item,), generator=generator)
+        labels = torch.randint(0, len(CLASS_PHOTOS), (max(1, batch // per_item),), generator=generator)
         frames, nf = _as_frames(_real_batch(model_name, labels, generator))
         frames = frames + 0.05 * torch.randn(frames.shape, generator=generator)  # robust to sampler noise
         loss = F.cross_entropy(net(frames), labels.repeat_interleave(nf))

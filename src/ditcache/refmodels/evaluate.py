@@ -40,3 +40,28 @@ def score(
         result["psnr"] = psnr(samples, reference)
         result["ssim"] = ssim(samples, reference)
     return result
+
+
+def reference_report(
+    model_name: str,
+    samples: int = 32,
+    steps: tuple[int, ...] = (50, 25, 17, 10, 5),
+    guidance: float = 4.0,
+    seed: int = 0,
+) -> dict:
+    """Quality of a reference model at several step counts, each scored against its 50-step (first)
+    samples: how hard the fewer-steps baseline is. Also the FD of real samples (a floor)."""
+    from ..metrics.classifier import real_samples
+    from .pipeline import RefPipeline
+
+    pipe = RefPipeline.from_pretrained(model_name)
+    labels = balanced_labels(samples, pipe.spec.num_classes)
+    rows = {}
+    reference = None
+    for n in steps:
+        out = pipe(labels, num_inference_steps=n, guidance_scale=guidance, seed=seed)
+        reference = out if reference is None else reference
+        rows[n] = score(model_name, out, labels, None if n == steps[0] else reference)
+    real, real_labels = real_samples(model_name, samples, seed=4321)
+    rows["real"] = score(model_name, real, real_labels)
+    return rows
