@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
 
+from .adapters.flux import flux_image_ids
+
 TINY_MODELS = ("flux", "sd3", "wan")
 
 
@@ -66,9 +68,7 @@ def tiny_inputs(name: str, batch: int = 1, seed: int = 1, size: int = 8, frames:
     """Conditioning inputs (everything but the latent and the timestep) and the initial latent."""
     g = torch.Generator().manual_seed(seed)
     if name == "flux":
-        ids = torch.zeros(size * size, 3)
-        ids[:, 1] = torch.arange(size).repeat_interleave(size)
-        ids[:, 2] = torch.arange(size).repeat(size)
+        ids = flux_image_ids(size, size)
         return {
             "hidden_states": torch.randn(batch, size * size, 4, generator=g),
             "encoder_hidden_states": torch.randn(batch, 5, 16, generator=g),

@@ -21,12 +21,17 @@ def _flux_grid(model: torch.nn.Module, kwargs: dict[str, Any]) -> LatentGrid:
     return LatentGrid(frames=1, height=height, width=width)  # the grid is in tokens
 
 
+def flux_image_ids(height: int, width: int) -> torch.Tensor:
+    """(height * width, 3) position ids (0, row, column) of a packed Flux latent, row-major."""
+    ids = torch.zeros(height * width, 3)
+    ids[:, 1] = torch.arange(height).repeat_interleave(width)
+    ids[:, 2] = torch.arange(width).repeat(height)
+    return ids
+
+
 def _flux_resized_kwargs(kwargs: dict[str, Any], grid: LatentGrid) -> dict[str, Any]:
-    img_ids = torch.zeros(grid.height * grid.width, 3)
-    img_ids[:, 1] = torch.arange(grid.height).repeat_interleave(grid.width)
-    img_ids[:, 2] = torch.arange(grid.width).repeat(grid.height)
     like = kwargs["img_ids"]
-    return {"img_ids": img_ids.to(device=like.device, dtype=like.dtype)}
+    return {"img_ids": flux_image_ids(grid.height, grid.width).to(device=like.device, dtype=like.dtype)}
 
 
 FLUX = ModelAdapter(

@@ -59,3 +59,17 @@ class Policy:
 def is_finite(tensor: torch.Tensor) -> bool:
     """Never put NaN/inf into a cache: it would be replayed into every reused step."""
     return bool(torch.isfinite(tensor).all())
+
+
+def run_and_store_residuals(call: BlockCall, store: dict[int, dict]) -> Any:
+    """Compute a block and keep its residuals (output - input, per carried tensor) in
+    `store[position]`; a non-finite residual is dropped and flagged instead of cached."""
+    inputs = call.inputs()
+    output = call.run()
+    residuals = call.residuals(inputs, call.outputs_of(output))
+    if all(r is None or is_finite(r) for r in residuals.values()):
+        store[call.ref.position] = residuals
+    else:
+        store.pop(call.ref.position, None)
+        call.forward.record.nonfinite = True
+    return output

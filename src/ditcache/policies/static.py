@@ -15,7 +15,7 @@ from typing import Any
 from ..config import PolicyConfig, check_choice, check_int
 from ..engine.calls import BlockCall, ForwardCall, sample_of
 from ..registry import register_policy, register_preset
-from .base import Policy, is_finite
+from .base import Policy, is_finite, run_and_store_residuals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +99,7 @@ class StaticIntervalPolicy(Policy):
         state = call.forward.state
         if state["reusing"]:
             return call.skip(state["residuals"][call.ref.position])
-        inputs = call.inputs()
-        output = call.run()
-        residuals = call.residuals(inputs, call.outputs_of(output))
-        if all(r is None or is_finite(r) for r in residuals.values()):
-            state["residuals"][call.ref.position] = residuals
-        else:
-            state["residuals"].pop(call.ref.position, None)
-            call.forward.record.nonfinite = True
-        return output
+        return run_and_store_residuals(call, state["residuals"])
 
 
 for _n in (2, 3, 4):

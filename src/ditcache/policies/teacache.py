@@ -18,7 +18,7 @@ import torch
 from ..config import PolicyConfig, check_float, check_int
 from ..engine.calls import BlockCall, ForwardCall
 from ..registry import register_policy, register_preset
-from .base import Policy, is_finite
+from .base import Policy, run_and_store_residuals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,15 +77,7 @@ class TeaCachePolicy(Policy):
                 state["accumulated"] = 0.0
         if state["skip"]:
             return call.skip(state["residuals"][call.ref.position])
-        inputs = call.inputs()
-        output = call.run()
-        residuals = call.residuals(inputs, call.outputs_of(output))
-        if all(r is None or is_finite(r) for r in residuals.values()):
-            state["residuals"][call.ref.position] = residuals
-        else:
-            state["residuals"].pop(call.ref.position, None)
-            call.forward.record.nonfinite = True
-        return output
+        return run_and_store_residuals(call, state["residuals"])
 
 
 for _t in (0.05, 0.1, 0.2, 0.3):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel, WanTransformer3DModel
 
+from ..adapters.flux import flux_image_ids
 from .data import CLASS_PHOTOS
 
 
@@ -159,7 +160,4 @@ def unpack(tokens: torch.Tensor, p: int, hw: tuple[int, int]) -> torch.Tensor:
 
 def flux_ids(spec: RefModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
     gh, gw = spec.sample_shape[1] // spec.pack, spec.sample_shape[2] // spec.pack
-    img_ids = torch.zeros(gh * gw, 3)
-    img_ids[:, 1] = torch.arange(gh).repeat_interleave(gw)
-    img_ids[:, 2] = torch.arange(gw).repeat(gh)
-    return img_ids, torch.zeros(spec.text_tokens, 3)
+    return flux_image_ids(gh, gw), torch.zeros(spec.text_tokens, 3)
