@@ -12,6 +12,7 @@ from .api import apply
 from .config import PolicyConfig
 from .engine import CacheHandle, ForwardInfo, Stats
 from .policies import (
+    MixCacheConfig,
     NoCacheConfig,
     OmniCacheConfig,
     Policy,
@@ -29,6 +30,7 @@ __all__ = [
     "CacheHandle",
     "ForwardInfo",
     "LatentGrid",
+    "MixCacheConfig",
     "ModelAdapter",
     "NoCacheConfig",
     "OmniCacheConfig",

@@ -112,17 +112,29 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .calibration.omnicache import calibrate
+    from .calibration import mixcache, omnicache
     from .calibration.profiles import PROFILE_DIR
     from .refmodels import RefPipeline
 
     pipe = RefPipeline.from_pretrained(args.model)
-    profile = calibrate(pipe, args.model, steps=args.steps, samples=args.samples, seed=args.seed)
+    module = {"omnicache": omnicache, "mixcache": mixcache}[args.method]
+    profile = module.calibrate(pipe, args.model, steps=args.steps, samples=args.samples, seed=args.seed)
     out = Path(args.out) if args.out else PROFILE_DIR / f"{args.method}-{args.model}-{args.steps}.json"
     profile.save(out)
-    for speed, steps in profile.data["schedules"].items():
-        print(f"{speed}: reuse {len(steps)}/{args.steps} steps: {steps}")
-    print("gamma: " + ", ".join(f"{g:.2f}" for g in profile.data["gamma"]))
+    data = profile.data
+    if args.method == "omnicache":
+        for speed, steps in data["schedules"].items():
+            print(f"{speed}: reuse {len(steps)}/{args.steps} steps: {steps}")
+        print("gamma: " + ", ".join(f"{g:.2f}" for g in data["gamma"]))
+    else:
+        print(
+            f"theta {data['theta']:.4f}, delta1 {data['delta1']:.4f}, delta2 {data['delta2']:.4f}, "
+            f"warm-up {data['warmup_steps']} steps"
+        )
+        print(
+            f"impact: step {data['impact_step']:.4f}, cfg {data['impact_cfg']:.4f}, blocks (mean) "
+            + ", ".join(f"{k}: {sum(v) / len(v):.4f}" for k, v in data["impact_block"].items())
+        )
     print(f"wrote {out}")
     return 0
 
@@ -218,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.set_defaults(func=_cmd_analyze)
 
     cal = sub.add_parser("calibrate", help="offline calibration of a method on a reference model (JSON profile)")
-    cal.add_argument("method", choices=("omnicache",))
+    cal.add_argument("method", choices=("omnicache", "mixcache"))
     cal.add_argument("--model", default="ref-image", choices=("ref-image", "ref-video"))
     cal.add_argument("--steps", type=int, default=50)
     cal.add_argument("--samples", type=int, default=8)

@@ -146,6 +146,15 @@ class BlockCall:
         self.forward.record.block_fraction[self.ref.position] = 0.0
         return self.build_output(values)
 
+    def replace(self, values: dict[str, torch.Tensor | None]) -> Any:
+        """Skip the block and return `values` (e.g. its output cached at an earlier step) instead."""
+        self.forward.record.block_fraction[self.ref.position] = 0.0
+        return self.build_output(values)
+
+    def passthrough(self) -> Any:
+        """Skip the block and hand its inputs on unchanged (a later block's cached output takes over)."""
+        return self.replace({name: self.inputs()[name] for name in self.ref.spec.outputs})
+
     @staticmethod
     def residuals(inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor | None]) -> dict:
         return {name: None if out is None else out - inputs[name] for name, out in outputs.items()}

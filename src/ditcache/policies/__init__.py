@@ -1,6 +1,7 @@
 """One module per method; importing this package registers every policy and preset."""
 
 from .base import Policy
+from .mixcache import MixCacheConfig, MixCachePolicy
 from .nocache import NoCacheConfig, NoCachePolicy
 from .omnicache_trajectory import OmniCacheConfig, OmniCacheTrajectoryPolicy
 from .precisecache import PreciseCacheConfig, PreciseCachePolicy
@@ -8,6 +9,8 @@ from .static import ReuseScheduleConfig, ReuseSchedulePolicy, StaticIntervalConf
 from .teacache import TeaCacheConfig, TeaCachePolicy
 
 __all__ = [
+    "MixCacheConfig",
+    "MixCachePolicy",
     "NoCacheConfig",
     "NoCachePolicy",
     "OmniCacheConfig",
