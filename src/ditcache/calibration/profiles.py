@@ -27,8 +27,12 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     digest = hashlib.sha256(type(model).__name__.encode())
     digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
     with torch.no_grad():
-        for _, param in sorted(model.named_parameters())[:: max(1, len(list(model.parameters())) // 16)]:
-            digest.update(param.detach().flatten()[:256].float().numpy().tobytes())
+        for name, param in model.named_parameters():
+            # Up to 1024 values spread over every tensor: cheap on large models, yet any retraining or
+            # other random initialisation changes it (norm weights alone would not).
+            flat = param.detach().flatten()
+            digest.update(name.encode())
+            digest.update(flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
