@@ -70,8 +70,9 @@ def _cmd_train_ref(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, markdown_table, run_bench, write_files
+    from .bench.runner import DEFAULT_POLICIES
 
-    policies = tuple(p for p in args.policies.split(",") if p) if args.policies else ()
+    policies = tuple(p for p in args.policies.split(",") if p) if args.policies is not None else DEFAULT_POLICIES
     fewer = tuple(int(n) for n in args.fewer_steps.split(",")) if args.fewer_steps else None
     config = BenchConfig(
         model=args.model,

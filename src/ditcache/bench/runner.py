@@ -23,7 +23,18 @@ from ..refmodels.evaluate import balanced_labels, score
 from .peers import cache_dit_peers, calibrate_mag_ratios, diffusers_peers
 from .variants import Variant, baseline, ditcache_policy, fewer_steps
 
-DEFAULT_POLICIES = ("static-2", "static-3", "fora-2", "fora-3")
+DEFAULT_POLICIES = (
+    "fora-2",
+    "fora-3",
+    "teacache-0.1",
+    "precisecache-base",
+    "precisecache-turbo",
+    "precisecache-flash",
+    "mixcache-acc",
+    "mixcache-eff",
+    "omnicache-slow",
+    "omnicache-fast",
+)
 
 
 @dataclasses.dataclass
