@@ -56,7 +56,7 @@ def test_missing_peer_is_skipped_not_crashed(result, monkeypatch):
         assert rows and all(r.status in ("ok", "failed") for r in rows)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "cache_dit" else real_find_spec(n, *a))
-    variants = cache_dit_peers(6)
+    variants = cache_dit_peers(6, num_blocks=2)
     assert len(variants) == 1 and not variants[0].available
 
 
@@ -75,3 +75,13 @@ def test_results_round_trip(result, tmp_path):
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="--policies"):
         run_bench(BenchConfig(steps=2, policies=("nope",)), pipe=RefPipeline(RefModel(TINY_IMAGE)), progress=False)
+
+
+def test_policy_list_splits_outside_parentheses():
+    from ditcache.cli import split_policies
+
+    assert split_policies("fora-2,mixcache-acc:granularities=('step','cfg'),omnicache-slow") == (
+        "fora-2",
+        "mixcache-acc:granularities=('step','cfg')",
+        "omnicache-slow",
+    )

@@ -135,3 +135,17 @@ def test_teacache_zero_threshold_is_exact_and_high_threshold_skips(name):
     _, _, stats, _ = _run(name, ditcache.TeaCacheConfig(threshold=10.0, warmup_steps=2))
     # Steps 0 and 1 compute (warm-up); with a huge threshold every later step skips all blocks.
     assert stats.blocks_computed[4:] == [0.0] * 16
+
+
+def test_step_impact_study_on_a_tiny_pipeline():
+    from ditcache.analysis.precisecache import step_impact_study
+    from ditcache.refmodels import RefModel, RefPipeline
+
+    from .test_refmodels import TINY_IMAGE
+
+    pipe = RefPipeline(RefModel(TINY_IMAGE))
+    study = step_impact_study(pipe, "tiny", steps=5, samples=2, progress=False)
+    assert len(study.impact) == len(study.lfd) == len(study.output_rel_l1) == len(study.input_rel_l1) == 4
+    assert all(value > 0 for value in study.impact)  # reusing any single step changes the output
+    assert set(study.correlations) == {"LFD (PreciseCache)", "rel-L1 of output", "rel-L1 of modulated input (TeaCache)"}
+    assert "Spearman" in study.markdown()

@@ -68,11 +68,25 @@ def _cmd_train_ref(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_policies(text: str) -> tuple[str, ...]:
+    """Split "a,b:x=(1,2),c" on the commas outside parentheses."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return tuple(p.strip() for p in parts if p.strip())
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, markdown_table, run_bench, write_files
     from .bench.runner import DEFAULT_POLICIES
 
-    policies = tuple(p for p in args.policies.split(",") if p) if args.policies is not None else DEFAULT_POLICIES
+    policies = split_policies(args.policies) if args.policies is not None else DEFAULT_POLICIES
     fewer = tuple(int(n) for n in args.fewer_steps.split(",")) if args.fewer_steps else None
     config = BenchConfig(
         model=args.model,
@@ -211,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=50)
     bench.add_argument(
         "--policies",
-        default="static-2,static-3,fora-2,fora-3",
-        help="comma-separated preset names (`ditcache presets`)",
+        default=None,
+        help="comma-separated presets, optionally with overrides (preset:key=value); default: every method",
     )
     bench.add_argument("--peers", action="store_true", help="also run cache-dit and diffusers' cache hooks")
     bench.add_argument("--samples", type=int, default=16)

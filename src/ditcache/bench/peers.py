@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import importlib.util
 import io
+import os
 from typing import Any
 
 from .variants import Detach, Variant
@@ -85,34 +87,32 @@ def diffusers_peers(steps: int, mag_ratios: list[float] | None) -> list[Variant]
     return variants
 
 
-def cache_dit_peers(steps: int) -> list[Variant]:
+def cache_dit_peers(steps: int, num_blocks: int) -> list[Variant]:
     if importlib.util.find_spec("cache_dit") is None:
         return [Variant(label="cache-dit", kind="peer", steps=steps, skip_reason="cache-dit is not installed")]
     variants = []
-    for fn, thresholds in ((1, (0.08, 0.16)), (8, (0.08, 0.16))):
-        for threshold in thresholds:
+    # F8B0 computes the first 8 blocks; on a model with <= 8 blocks that is everything, so half the
+    # depth stands in for it (the label says which).
+    for fn in sorted({1, 8 if num_blocks > 8 else max(1, num_blocks // 2)}):
+        for threshold in (0.08, 0.16):
             for taylor in (False, True):
                 label = f"cache-dit DBCache F{fn}B0 {threshold}" + (" +TaylorSeer" if taylor else "")
-                variants.append(
-                    Variant(
-                        label=label, kind="peer", steps=steps, attach=_cache_dit_attach(fn, threshold, taylor, steps)
-                    )
-                )
+                attach = _cache_dit_attach(fn, threshold, taylor, steps)
+                variants.append(Variant(label=label, kind="peer", steps=steps, attach=attach))
     return variants
 
 
 def _cache_dit_attach(fn: int, threshold: float, taylor: bool, steps: int) -> Any:
     def attach(pipe: Any) -> Detach:
-        import logging
-
+        os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # read when cache_dit is first imported
         import cache_dit
 
-        logging.getLogger("cache_dit").setLevel(logging.ERROR)
-        blocks = sum(
-            len(getattr(pipe.transformer, a, [])) for a in ("transformer_blocks", "single_transformer_blocks", "blocks")
-        )
+        # cache-dit patches the transformer's forward and does not undo it on disable_cache, which breaks
+        # every method measured after it; it gets its own copy of the same weights instead.
+        original = pipe.transformer
+        pipe.transformer = pipe.model.transformer = copy.deepcopy(original)
         config = cache_dit.DBCacheConfig(
-            Fn_compute_blocks=min(fn, blocks),
+            Fn_compute_blocks=fn,
             Bn_compute_blocks=0,
             residual_diff_threshold=threshold,
             max_warmup_steps=2,
@@ -130,6 +130,7 @@ def _cache_dit_attach(fn: int, threshold: float, taylor: bool, steps: int) -> An
                 if summary:
                     stats["cached_steps"] = len(summary[0].cached_steps) + len(summary[0].cfg_cached_steps)
             cache_dit.disable_cache(pipe.transformer)
+            pipe.transformer = pipe.model.transformer = original
             return stats
 
         return detach

@@ -96,7 +96,10 @@ def build_variants(config: BenchConfig, pipe: Any, run_for: Callable[[int], Call
             mag = None
             variants.append(Variant("diffusers MagCache", "peer", config.steps, skip_reason=f"calibration: {error}"))
         variants += diffusers_peers(config.steps, mag)
-        variants += cache_dit_peers(config.steps)
+        num_blocks = sum(
+            len(getattr(pipe.transformer, a, [])) for a in ("transformer_blocks", "single_transformer_blocks", "blocks")
+        )
+        variants += cache_dit_peers(config.steps, num_blocks)
     return variants
 
 
