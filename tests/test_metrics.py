@@ -13,7 +13,7 @@ def test_psnr_known_values():
     x = torch.zeros(2, 3, 8, 8)
     assert psnr(x, x) == math.inf
     # [-1, 1] maps to [0, 1]: an offset of 0.2 is 0.1 in [0, 1] -> MSE 0.01 -> 20 dB.
-    assert psnr(x + 0.2, x) == pytest.approx(20.0, abs=1e-6)
+    assert psnr(x + 0.2, x) == pytest.approx(20.0, abs=1e-4)  # float32 inputs
 
 
 def test_psnr_and_ssim_on_videos_score_every_frame():

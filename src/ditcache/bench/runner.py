@@ -110,9 +110,13 @@ def _count_macs(fn: Callable[[], Any]) -> int:
 
 
 def run_bench(config: BenchConfig, pipe: Any = None, progress: bool = True) -> BenchResult:
+    with torch.no_grad():
+        return _run_bench(config, pipe, progress)
+
+
+def _run_bench(config: BenchConfig, pipe: Any, progress: bool) -> BenchResult:
     from ..refmodels import RefPipeline
 
-    torch.set_grad_enabled(False)
     pipe = pipe if pipe is not None else RefPipeline.from_pretrained(config.model)
     labels = balanced_labels(config.samples, pipe.spec.num_classes)
 
