@@ -89,7 +89,7 @@ def train(
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters()):
                 p_ema.lerp_(p, 1 - decay)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step += 1
         bar.update(1)
         if step % 50 == 0:
