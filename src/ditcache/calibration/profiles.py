@@ -83,3 +83,19 @@ class Profile:
                 f"profile was calibrated for {self.num_steps} steps but this generation has {num_steps}; "
                 f"calibrate for {num_steps} steps or sample with {self.num_steps}"
             )
+
+
+def find_profile(method: str, model: torch.nn.Module, num_steps: int, directory: Path = PROFILE_DIR) -> Profile:
+    """The shipped profile of `method` made for this very model (fingerprint) and step count."""
+    fingerprint = model_fingerprint(model)
+    shipped = []
+    for path in sorted(Path(directory).glob(f"{method}-*.json")):
+        profile = Profile.load(path)
+        shipped.append(f"{profile.model_name}@{profile.num_steps}")
+        if profile.fingerprint == fingerprint and profile.num_steps == num_steps:
+            return profile
+    raise ProfileMismatchError(
+        f"no {method} profile for this {type(model).__name__} (fingerprint {fingerprint}) at {num_steps} steps; "
+        f"shipped: {', '.join(shipped) or 'none'}. Calibrate with `ditcache calibrate {method} --model ... "
+        f"--steps {num_steps}` and pass profile=<path>"
+    )

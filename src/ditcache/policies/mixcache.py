@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..calibration.profiles import PROFILE_DIR, Profile, ProfileMismatchError, model_fingerprint
+from ..calibration.profiles import Profile, find_profile
 from ..config import PolicyConfig, check_bool, check_choice, check_int
 from ..engine.calls import BlockCall, ForwardCall, sample_of
 from ..registry import register_policy, register_preset
@@ -65,18 +64,6 @@ class MixCacheConfig(PolicyConfig):
         check_bool("penalty", self.penalty)
         check_bool("adaptive_interval", self.adaptive_interval)
         check_int("fixed_interval", self.fixed_interval, 2, 50)
-
-
-def find_mixcache_profile(model: torch.nn.Module, num_steps: int, directory: Path = PROFILE_DIR) -> Profile:
-    fingerprint = model_fingerprint(model)
-    for path in sorted(directory.glob(f"{METHOD}-*.json")):
-        profile = Profile.load(path)
-        if profile.fingerprint == fingerprint and profile.num_steps == num_steps:
-            return profile
-    raise ProfileMismatchError(
-        f"no MixCache profile for this {type(model).__name__} (fingerprint {fingerprint}) at {num_steps} steps; "
-        f"run `ditcache calibrate mixcache --model ... --steps {num_steps}` and pass profile=<path>"
-    )
 
 
 @dataclasses.dataclass
@@ -174,7 +161,7 @@ class MixCachePolicy(Policy):
         if self.controller is not None and self.num_steps == num_steps:
             return
         model = self.engine.model
-        profile = self._given or find_mixcache_profile(model, num_steps)
+        profile = self._given or find_profile(METHOD, model, num_steps)
         profile.check(METHOD, model, num_steps)
         data, config = profile.data, self.config
         self.controller = MixCacheController(

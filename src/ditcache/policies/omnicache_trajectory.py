@@ -17,12 +17,11 @@ consecutive steps. At sampling time:
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..calibration.profiles import PROFILE_DIR, Profile, ProfileMismatchError, model_fingerprint
+from ..calibration.profiles import Profile, find_profile
 from ..config import PolicyConfig, check_bool, check_choice, check_float
 from ..engine.calls import ForwardCall, SubmoduleCall, sample_of
 from ..engine.latents import frequency_split, from_5d, to_5d
@@ -52,21 +51,6 @@ class OmniCacheConfig(PolicyConfig):
         check_float("filter_radius", self.filter_radius, 0.0, 1.0, low_open=True)
 
 
-def find_profile(model: torch.nn.Module, num_steps: int, directory: Path = PROFILE_DIR) -> Profile:
-    fingerprint = model_fingerprint(model)
-    shipped = []
-    for path in sorted(directory.glob(f"{METHOD}-*.json")):
-        profile = Profile.load(path)
-        shipped.append(f"{profile.model_name}@{profile.num_steps}")
-        if profile.fingerprint == fingerprint and profile.num_steps == num_steps:
-            return profile
-    raise ProfileMismatchError(
-        f"no OmniCache profile for this {type(model).__name__} (fingerprint {fingerprint}) at {num_steps} steps; "
-        f"shipped: {', '.join(shipped) or 'none'}. Calibrate with `ditcache calibrate omnicache --model ... "
-        f"--steps {num_steps}` and pass profile=<path>"
-    )
-
-
 @register_policy(OmniCacheConfig)
 class OmniCacheTrajectoryPolicy(Policy):
     uses_submodule_hooks = True
@@ -92,7 +76,7 @@ class OmniCacheTrajectoryPolicy(Policy):
         if self.num_steps == num_steps:
             return
         model = self.engine.model
-        profile = self._given or find_profile(model, num_steps)
+        profile = self._given or find_profile(METHOD, model, num_steps)
         profile.check(METHOD, model, num_steps)
         self.profile = profile
         self.reuse_steps = frozenset(profile.data["schedules"][self.config.speed])
