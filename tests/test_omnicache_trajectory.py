@@ -162,3 +162,35 @@ def test_unknown_model_has_no_shipped_profile():
 def test_invalid_omnicache_config(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ditcache.OmniCacheConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["ref-image", "ref-video"])
+def test_shipped_profiles_match_the_shipped_models(name):
+    from ditcache.calibration.profiles import find_profile
+    from ditcache.refmodels import RefPipeline
+
+    transformer = RefPipeline.from_pretrained(name).transformer
+    for method in ("omnicache", "mixcache"):
+        assert find_profile(method, transformer, 50).model_name == name
+
+
+def test_fingerprint_is_stable_across_processes():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from ditcache.testing import tiny_model; from ditcache.calibration.profiles import model_fingerprint;"
+        "print(model_fingerprint(tiny_model('wan')))"
+    )
+    prints = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout.strip()
+        for seed in ("1", "2", "3")
+    }
+    assert len(prints) == 1

@@ -8,6 +8,7 @@ ditcache policies are measured by the same ruler. Quality is scored on the first
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -140,9 +141,12 @@ def _run_bench(config: BenchConfig, pipe: Any, progress: bool) -> BenchResult:
             start = time.perf_counter()
             out = run_for(v.steps)()
             times[v.label].append(time.perf_counter() - start)
-        finally:
-            stats = detach() if detach else {}
-        rows[v.label].extra.update(stats)
+        except BaseException:
+            if detach:
+                with contextlib.suppress(Exception):  # keep the original error, not a detach error
+                    detach()
+            raise
+        rows[v.label].extra.update(detach() if detach else {})
         return out
 
     run_for(config.steps)()  # warm-up, untimed

@@ -25,7 +25,9 @@ class ProfileMismatchError(ValueError):
 def model_fingerprint(model: torch.nn.Module) -> str:
     config = getattr(model, "config", {})
     digest = hashlib.sha256(type(model).__name__.encode())
-    digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    # Private keys (diffusers' `_use_default_values` is a list in set order) would change between processes.
+    public = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    digest.update(json.dumps(public, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, param in model.named_parameters():
             # Up to 1024 values spread over every tensor: cheap on large models, yet any retraining or
