@@ -162,6 +162,43 @@ def test_without_cfg_branch_the_cfg_granularity_is_disabled_with_one_warning(tin
     handle.remove()
 
 
+def test_batched_cfg_computes_only_the_conditional_half(tiny_profile):
+    """A pipeline that batches [uncond; cond] in one forward gets the same decisions as separate forwards:
+    cfg and block steps run the conditional rows only, the unconditional half is cond + cached difference."""
+    pipe, path = tiny_profile
+    runs = {}
+    for cfg_mode, order in (("separate", "none"), ("batched", "uncond-first")):
+        handle = ditcache.apply(pipe, ditcache.MixCacheConfig(profile=str(path), batched_cfg=order))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "CFG granularity is disabled" warning in either mode
+            out = pipe([0, 1], num_inference_steps=12, cfg_mode=cfg_mode)
+        runs[cfg_mode] = (out, handle._engine.policy.trace, handle.stats().last, list(handle._engine._records))
+        handle.remove()
+    (out_s, trace_s, stats_s, _), (out_b, trace_b, stats_b, records_b) = runs["separate"], runs["batched"]
+    assert trace_b == trace_s
+    modes = dict(trace_b)
+    assert any(m == "cfg" for m in modes.values()) and any(m.startswith("block:") for m in modes.values())
+    for record in records_b:
+        half = modes[record.step] == "cfg" or modes[record.step].startswith("block:")
+        if half:
+            assert dict(record.executed_key)["hidden_states"][0] == 2  # 2 of the 4 rows computed
+        else:
+            assert record.executed_key is None
+    torch.testing.assert_close(out_b, out_s, atol=1e-4, rtol=1e-4)
+    assert stats_b.macs_speedup == pytest.approx(stats_s.macs_speedup, rel=1e-2)
+
+
+def test_batched_cfg_rejects_an_odd_batch(tiny_profile):
+    pipe, path = tiny_profile
+    handle = ditcache.apply(pipe, ditcache.MixCacheConfig(profile=str(path), batched_cfg="uncond-first"))
+    x, sigma = torch.randn(3, *TINY.sample_shape), torch.ones(3)
+    with handle.generation(num_steps=12), pytest.raises(ValueError, match="batched_cfg"):
+        pipe.model.predict(x, sigma, torch.tensor([0, 1, 2]))
+    out = pipe([0, 1], num_inference_steps=12, cfg_mode="batched")  # the handle still works afterwards
+    assert torch.isfinite(out).all() and handle.stats().last.forwards == 12
+    handle.remove()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -170,6 +207,7 @@ def test_without_cfg_branch_the_cfg_granularity_is_disabled_with_one_warning(tin
         ({"granularities": ()}, "granularities"),
         ({"fixed_interval": 1}, "fixed_interval"),
         ({"penalty": "yes"}, "penalty"),
+        ({"batched_cfg": "uncond_first"}, "batched_cfg"),
     ],
 )
 def test_invalid_mixcache_config(kwargs, field):

@@ -78,6 +78,9 @@ class ModelAdapter:
     timestep_arg: str = "timestep"
     # Positional order of the model's forward arguments we need to find when passed positionally.
     forward_args: tuple[str, ...] = ("hidden_states",)
+    # Tensor arguments without a batch dimension (Flux's position ids): a forward on a subset of the batch
+    # rows (`ForwardCall.run_rows`) passes them unchanged even when their first size equals the batch size.
+    unbatched_args: tuple[str, ...] = ()
     notes: str = ""
 
 

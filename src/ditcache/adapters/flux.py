@@ -60,4 +60,5 @@ FLUX = ModelAdapter(
     resized_kwargs=_flux_resized_kwargs,
     modulated_input=adaln_zero_modulated_input,
     forward_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
+    unbatched_args=("img_ids", "txt_ids"),
 )

@@ -72,6 +72,33 @@ class ForwardCall:
             self.record.block_fraction = [1.0] * self.record.num_blocks
         return output
 
+    def run_rows(self, rows: slice) -> Any:
+        """Compute this forward for a slice of the batch rows only (e.g. the conditional half of a batched-CFG
+        forward), through the block hooks like `run()`. Returns the model's output for those rows; MACs are
+        counted at the smaller batch."""
+        batch = self.hidden_states.shape[0]
+        if not isinstance(rows, slice) or not 0 < len(range(*rows.indices(batch))) < batch:
+            raise ValueError(f"rows must be a slice selecting part of the batch of {batch}, got {rows!r}")
+        unbatched = set(self.engine.adapter.unbatched_args)
+        kwargs = {
+            name: value[rows]
+            if isinstance(value, torch.Tensor) and name not in unbatched and value.ndim and value.shape[0] == batch
+            else value
+            for name, value in self.arguments.items()
+        }
+        if self._passes_started:
+            self.record.passes += 1
+        self._passes_started = True
+        key = shape_key(kwargs)
+        self.record.executed_key = key
+        self.engine.remember_example(key, kwargs)
+        start = time.perf_counter()
+        output = self._original(**kwargs)
+        self.record.compute_seconds += time.perf_counter() - start
+        if not self.engine.hooks_blocks:
+            self.record.block_fraction = [1.0] * self.record.num_blocks
+        return output
+
     def run_trial(self, **overrides: Any) -> torch.Tensor:
         """An extra uncached forward with some arguments replaced; counted in stats and MACs."""
         kwargs = {**self.arguments, **overrides, "return_dict": False}

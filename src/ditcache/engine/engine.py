@@ -218,6 +218,8 @@ class Engine:
             cost = self._cost(record.shape_key)
             macs_full += cost.total
             if record.kind != REUSED:
+                if record.executed_key is not None:
+                    cost = self._cost(record.executed_key)
                 one_pass = cost.outside_blocks + sum(c * f for c, f in zip(cost.blocks, record.block_fraction))
                 skipped = sum(cost.submodules.get(name, 0) for name in record.skipped_submodules)
                 macs_executed += round(record.passes * one_pass) - skipped

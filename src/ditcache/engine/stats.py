@@ -23,6 +23,8 @@ class ForwardRecord:
     branch: str
     shape_key: tuple
     num_blocks: int
+    # Shape key of the passes actually run when they covered only part of the batch (`run_rows`).
+    executed_key: tuple | None = None
     kind: str = COMPUTED
     # Fraction of each block's tokens that were computed (0.0 = skipped, 1.0 = fully computed).
     block_fraction: list[float] = dataclasses.field(default_factory=list)

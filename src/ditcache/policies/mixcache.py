@@ -37,6 +37,7 @@ from .base import Policy, is_finite
 
 METHOD = "mixcache"
 GRANULARITIES = ("step", "cfg", "block")
+BATCHED_CFG = ("none", "uncond-first", "cond-first")
 INTERVALS = {"acc": (4, 3, 2), "eff": (5, 4, 3)}  # N for D_full < delta1, < delta2, >= delta2
 
 
@@ -52,9 +53,13 @@ class MixCacheConfig(PolicyConfig):
     penalty: bool = True  # never the same granularity at two consecutive cache-enabled steps
     adaptive_interval: bool = True  # False: N stays `fixed_interval`
     fixed_interval: int = 4
+    # How a pipeline that runs CFG as one batched forward orders its halves; "none" = separate forwards
+    # (named "cond"/"uncond" by `cache_context`) or no CFG. diffusers' batched pipelines put uncond first.
+    batched_cfg: str = "none"
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, tuple(INTERVALS))
+        check_choice("batched_cfg", self.batched_cfg, BATCHED_CFG)
         if self.profile is not None and not isinstance(self.profile, str):
             raise ValueError(f"profile must be None or a path string, got {self.profile!r}")
         if not isinstance(self.granularities, tuple) or not self.granularities:
@@ -152,7 +157,31 @@ class MixCachePolicy(Policy):
         self.trace: list[tuple[int, str]] = []
 
     def new_branch_state(self) -> dict[str, Any]:
-        return {"output": None, "output_step": None, "full": None, "full_step": None, "blocks": {}, "mode": "full"}
+        return {
+            "output": None,  # last output of this branch (step granularity reuses it)
+            "cond": None,  # conditional part of that output, where D_step / D_full are measured
+            "cond_step": None,
+            "full": None,
+            "full_step": None,
+            "blocks": {},  # block position -> (step, conditional outputs of that block)
+            "mode": "full",
+            "rows": None,  # batch rows the running pass computes (None = all)
+            "cond_rows": None,  # batched CFG: which rows of a full batch are the conditional half
+        }
+
+    def _cond_rows(self, call: ForwardCall) -> slice | None:
+        """The conditional half of a batched-CFG forward (None: separate forwards or no CFG)."""
+        order = self.config.batched_cfg
+        if order == "none" or call.info.branch in ("cond", "uncond"):
+            return None
+        batch = call.hidden_states.shape[0]
+        if batch % 2:
+            raise ValueError(
+                f"MixCache batched_cfg={order!r} expects [uncond; cond] halves in one forward, but the batch "
+                f"size is {batch}; use batched_cfg='none' for a pipeline that does not batch CFG"
+            )
+        half = batch // 2
+        return slice(half, batch) if order == "uncond-first" else slice(0, half)
 
     def _prepare(self, call: ForwardCall) -> None:
         num_steps = call.info.num_steps
@@ -187,11 +216,16 @@ class MixCachePolicy(Policy):
     def forward(self, call: ForwardCall) -> Any:
         self._prepare(call)
         step, branch, state = call.info.step, call.info.branch, call.state
+        cond_rows = state["cond_rows"] = self._cond_rows(call)
         self.branches_seen.add(branch)
         if step not in self.decisions:
-            if "uncond" not in self.branches_seen and step > 1 and not self._warned_no_cfg:
+            no_cfg = cond_rows is None and "uncond" not in self.branches_seen
+            if no_cfg and step > 1 and not self._warned_no_cfg:
                 warnings.warn(
-                    "MixCache: no separate unconditional branch seen; the CFG granularity is disabled", stacklevel=2
+                    "MixCache: no separate unconditional branch seen; the CFG granularity is disabled (a "
+                    "pipeline that batches uncond and cond in one forward needs batched_cfg='uncond-first' "
+                    "or 'cond-first')",
+                    stacklevel=2,
                 )
                 self._warned_no_cfg = True
             if self._warned_no_cfg:
@@ -201,35 +235,70 @@ class MixCachePolicy(Policy):
         mode = self.decisions[step]
         if mode == "step" and state["output"] is not None:
             return call.reuse(state["output"])
+        if cond_rows is not None and mode != "full" and self.delta_cfg is not None:
+            return self._cond_half_only(call, mode, cond_rows)
         if branch == "uncond" and mode != "full" and step in self.cond_output and self.delta_cfg is not None:
             return call.reuse(self.cond_output[step] + self.delta_cfg)
-        state["mode"] = mode if mode.startswith("block:") else "full"
+        state["mode"], state["rows"] = self._pass_mode(state, mode), None
         output = call.run()
         sample = sample_of(output)
         if not is_finite(sample):
             call.record.nonfinite = True
             return output
-        self._measure(call, sample, mode)
+        if cond_rows is not None:  # batched CFG, full step: both halves measured from one forward
+            cond = sample[cond_rows]
+            uncond = torch.cat([sample[: cond_rows.start], sample[cond_rows.stop :]])
+            self._measure(call, cond, mode)
+            self._measure_cfg(cond, uncond)
+        elif branch == "uncond":
+            if step in self.cond_output:
+                self._measure_cfg(self.cond_output[step], sample)
+        else:
+            self._measure(call, sample, mode)
+            if branch == "cond":
+                self.cond_output = {step: sample}
+        state["output"] = sample
         return output
 
-    def _measure(self, call: ForwardCall, sample: torch.Tensor, mode: str) -> None:
-        step, branch, state = call.info.step, call.info.branch, call.state
-        controller = self.controller
-        if state["output"] is not None and branch != "uncond":
-            controller.d["step"] = rel_l1(sample, state["output"]) / max(1, step - state["output_step"])
-        if mode == "full" and branch != "uncond":
+    def _cond_half_only(self, call: ForwardCall, mode: str, cond_rows: slice) -> Any:
+        """CFG or block granularity on a batched-CFG forward: compute the conditional rows only (block mode:
+        from the cached block output on), the unconditional half is cond + cached difference."""
+        state = call.state
+        state["mode"], state["rows"] = self._pass_mode(state, mode), cond_rows
+        cond = sample_of(call.run_rows(cond_rows))
+        uncond = cond + self.delta_cfg
+        halves = [uncond, cond] if cond_rows.start else [cond, uncond]
+        sample = torch.cat(halves)
+        if not is_finite(cond):
+            call.record.nonfinite = True
+            return call.wrap(sample)
+        self._measure(call, cond, mode)
+        state["output"] = sample
+        return call.wrap(sample)
+
+    @staticmethod
+    def _pass_mode(state: dict[str, Any], mode: str) -> str:
+        """Block mode needs this branch's cached output of the target block; otherwise compute all blocks."""
+        if mode.startswith("block:") and int(mode[6:]) in state["blocks"]:
+            return mode
+        return "full"
+
+    def _measure(self, call: ForwardCall, cond: torch.Tensor, mode: str) -> None:
+        """D_step (and D_full after a full step) from the conditional output of this step."""
+        step, state, controller = call.info.step, call.state, self.controller
+        if state["cond"] is not None:
+            controller.d["step"] = rel_l1(cond, state["cond"]) / max(1, step - state["cond_step"])
+        if mode == "full":
             d_full = None
             if state["full"] is not None:
-                d_full = rel_l1(sample, state["full"]) / max(1, step - state["full_step"])
-            state["full"], state["full_step"] = sample, step
+                d_full = rel_l1(cond, state["full"]) / max(1, step - state["full_step"])
+            state["full"], state["full_step"] = cond, step
             controller.full_step_done(d_full)
-        if branch == "cond":
-            self.cond_output = {step: sample}
-        elif branch == "uncond" and step in self.cond_output:
-            cond = self.cond_output[step]
-            controller.d["cfg"] = rel_l1(sample, cond)
-            self.delta_cfg = sample - cond
-        state["output"], state["output_step"] = sample, step
+        state["cond"], state["cond_step"] = cond, step
+
+    def _measure_cfg(self, cond: torch.Tensor, uncond: torch.Tensor) -> None:
+        self.controller.d["cfg"] = rel_l1(uncond, cond)
+        self.delta_cfg = uncond - cond
 
     # ------------------------------------------------------------------ blocks
     def block(self, call: BlockCall) -> Any:
@@ -242,10 +311,12 @@ class MixCachePolicy(Policy):
             if position == target and position in state["blocks"]:
                 return call.replace(state["blocks"][position][1])
         output = call.run()
-        if position in self.block_positions:
+        if position in self.block_positions and call.forward.info.branch != "uncond":
             values = call.outputs_of(output)
+            if state["rows"] is None and state["cond_rows"] is not None:  # keep the conditional half only
+                values = {k: None if v is None else v[state["cond_rows"]] for k, v in values.items()}
             previous = state["blocks"].get(position)
-            if previous is not None and call.forward.info.branch != "uncond":
+            if previous is not None:
                 step, old = previous
                 gap = max(1, call.forward.info.step - step)
                 self.controller.d[f"block:{position}"] = rel_l1(values["hidden_states"], old["hidden_states"]) / gap
