@@ -30,7 +30,9 @@ def test_all_rows_and_columns(result):
     assert base.psnr == math.inf  # the baseline is its own reference
     for row in result.rows:
         if row.status == "ok":
-            for field in ("seconds", "speedup", "macs_speedup", "efficiency", "psnr", "ssim", "accuracy", "fd"):
+            fields = ("seconds", "speedup", "macs_speedup", "efficiency", "psnr", "ssim", "accuracy", "fd")
+            fields += ("fd_spectrum",)
+            for field in fields:
                 assert not math.isnan(getattr(row, field)), (row.label, field)
     table = markdown_table(result)
     assert "MACs speedup" in table and "fewer steps (3)" in table
@@ -70,6 +72,16 @@ def test_results_round_trip(result, tmp_path):
             x, y = getattr(a, field), getattr(b, field)
             assert (math.isnan(x) and math.isnan(y)) or x == y
     assert loaded.config.steps == 6
+
+
+def test_batched_cfg_bench_runs_one_forward_per_step():
+    pipe = RefPipeline(RefModel(TINY_IMAGE))
+    config = BenchConfig(steps=6, policies=("static-2",), samples=2, repeats=1, fewer_steps=(3,), cfg_mode="batched")
+    result = run_bench(config, pipe=pipe, progress=False)
+    static = next(r for r in result.rows if r.label == "static-2")
+    assert static.status == "ok" and static.extra["reused_forwards"] == 2  # steps 3 and 5, one forward each
+    with pytest.raises(ValueError, match="cfg_mode"):
+        BenchConfig(cfg_mode="joint")
 
 
 def test_unknown_policy_is_a_clear_error():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ditcache.metrics import frechet_distance, psnr, ssim, temporal_consistency
+from ditcache.metrics import frechet_distance, psnr, radial_log_spectrum, ssim, temporal_consistency
 
 
 def test_psnr_known_values():
@@ -48,3 +48,19 @@ def test_temporal_consistency():
     assert temporal_consistency(flipping) == pytest.approx(-1.0)
     with pytest.raises(ValueError):
         temporal_consistency(torch.ones(2, 1, 8))
+
+
+def test_radial_log_spectrum_on_known_images():
+    # A checkerboard has all its power at the Nyquist ring (the last one); a constant image has none.
+    checker = (torch.arange(16)[:, None] + torch.arange(16)[None, :]) % 2 * 2.0 - 1.0
+    spectra = radial_log_spectrum(torch.stack([checker.expand(3, 16, 16), torch.full((3, 16, 16), 0.3)]))
+    assert spectra.shape == (2, 8)
+    assert int(spectra[0].argmax()) == 7 and spectra[0, 7] > spectra[0, :7].max() + 20
+    assert torch.allclose(spectra[1], torch.full((8,), math.log(1e-8)))
+    # Blurring white noise lowers the high-frequency rings, not the lowest one.
+    noise = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    blurred = torch.nn.functional.avg_pool2d(noise, 3, stride=1, padding=1, count_include_pad=False)
+    sharp, soft = radial_log_spectrum(noise).mean(0), radial_log_spectrum(blurred).mean(0)
+    assert (sharp[-4:] - soft[-4:]).min() > 2.0 and abs(float(sharp[0] - soft[0])) < 1.0
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        radial_log_spectrum(noise[0])

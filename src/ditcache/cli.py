@@ -96,6 +96,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         samples=args.samples,
         repeats=args.repeats,
         seed=args.seed,
+        cfg_mode=args.cfg,
         fewer_steps=fewer,
     )
     result = run_bench(config)
@@ -161,13 +162,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     report = reference_report(args.model, samples=args.samples, steps=steps)
     print(f"{args.model}: {args.samples} samples, scored against the {steps[0]}-step samples of the same seeds")
     print(
-        "| steps | class acc | FD | PSNR vs first | SSIM vs first |" + (" temporal |" if "video" in args.model else "")
+        "| steps | class acc | FD | FD spectrum | PSNR vs first | SSIM vs first |"
+        + (" temporal |" if "video" in args.model else "")
     )
-    print("|---|---|---|---|---|" + ("---|" if "video" in args.model else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if "video" in args.model else ""))
     for key, row in report.items():
         cells = [
             f"{row['accuracy']:.3f}",
             f"{row['fd']:.2f}",
+            f"{row['fd_spectrum']:.2f}",
             f"{row.get('psnr', float('nan')):.2f}",
             f"{row.get('ssim', float('nan')):.3f}",
         ]
@@ -233,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="timed rounds, interleaved (median is reported)")
     bench.add_argument("--fewer-steps", default=None, help="comma-separated step counts (default: steps/1.5../5)")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument(
+        "--cfg", default="separate", choices=("separate", "batched"), help="CFG as 2 forwards per step or 1 batched"
+    )
     bench.add_argument("--out", default="bench-out", help="folder for bench.json/csv/md/png")
     bench.set_defaults(func=_cmd_bench)
 

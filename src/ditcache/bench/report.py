@@ -20,6 +20,7 @@ COLUMNS = (
     ("ssim", "SSIM", "{:.3f}"),
     ("accuracy", "class acc", "{:.3f}"),
     ("fd", "FD", "{:.2f}"),
+    ("fd_spectrum", "FD spectrum", "{:.2f}"),
 )
 
 

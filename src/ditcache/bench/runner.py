@@ -54,6 +54,7 @@ class Row:
     ssim: float = float("nan")
     accuracy: float = float("nan")
     fd: float = float("nan")
+    fd_spectrum: float = float("nan")
     temporal: float = float("nan")
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -68,6 +69,7 @@ class BenchConfig:
     repeats: int = 3
     seed: int = 0
     guidance: float = 4.0
+    cfg_mode: str = "separate"  # "separate": cond and uncond forwards; "batched": one forward of both
     fewer_steps: tuple[int, ...] | None = None  # default: steps * (1/2, 1/3, 1/4, 1/5)
 
     def __post_init__(self) -> None:
@@ -75,6 +77,8 @@ class BenchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.cfg_mode not in ("separate", "batched"):
+            raise ValueError(f"cfg_mode must be 'separate' or 'batched', got {self.cfg_mode!r}")
         if self.fewer_steps is None:
             self.fewer_steps = tuple(sorted({max(2, round(self.steps / d)) for d in (1.5, 2, 3, 4, 5)}, reverse=True))
 
@@ -122,7 +126,13 @@ def _run_bench(config: BenchConfig, pipe: Any, progress: bool) -> BenchResult:
     labels = balanced_labels(config.samples, pipe.spec.num_classes)
 
     def run_for(steps: int) -> Callable[[], Any]:
-        return lambda: pipe(labels, num_inference_steps=steps, guidance_scale=config.guidance, seed=config.seed)
+        return lambda: pipe(
+            labels,
+            num_inference_steps=steps,
+            guidance_scale=config.guidance,
+            seed=config.seed,
+            cfg_mode=config.cfg_mode,
+        )
 
     variants = build_variants(config, pipe, run_for)
     rows = {v.label: Row(v.label, v.kind, v.steps) for v in variants}

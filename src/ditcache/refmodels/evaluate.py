@@ -1,5 +1,5 @@
-"""Scores for a batch of reference-model samples: class accuracy, Fréchet distance, temporal consistency,
-and, when a reference output is given, PSNR / SSIM against it."""
+"""Scores for a batch of reference-model samples: class accuracy, Fréchet distances (classifier features and
+log spectra), temporal consistency, and, when a reference output is given, PSNR / SSIM against it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from ..metrics import frechet_distance, psnr, ssim, temporal_consistency
+from ..metrics import frechet_distance, psnr, radial_log_spectrum, ssim, temporal_consistency
 from ..metrics.classifier import class_accuracy, load_classifier, real_samples, sample_features
 
 REAL_SAMPLES = 512
@@ -19,6 +19,17 @@ def _real_features(model_name: str) -> torch.Tensor:
     real, _ = real_samples(model_name, REAL_SAMPLES)
     feats = sample_features(net, real)
     return feats.flatten(0, 1) if feats.ndim == 3 else feats
+
+
+@functools.lru_cache(maxsize=4)
+def _real_spectra(model_name: str) -> torch.Tensor:
+    real, _ = real_samples(model_name, REAL_SAMPLES)
+    return _spectra(real)
+
+
+def _spectra(samples: torch.Tensor) -> torch.Tensor:
+    frames = samples.transpose(1, 2).flatten(0, 1) if samples.ndim == 5 else samples  # videos: per frame
+    return radial_log_spectrum(frames.clamp(-1, 1))
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -33,6 +44,7 @@ def score(
     result = {
         "accuracy": class_accuracy(net, samples, labels),
         "fd": frechet_distance(feats.flatten(0, 1) if feats.ndim == 3 else feats, _real_features(model_name)),
+        "fd_spectrum": frechet_distance(_spectra(samples), _real_spectra(model_name)),
     }
     if samples.ndim == 5:
         result["temporal"] = temporal_consistency(feats)
