@@ -171,8 +171,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"{row['accuracy']:.3f}",
             f"{row['fd']:.2f}",
             f"{row['fd_spectrum']:.2f}",
-            f"{row.get('psnr', float('nan')):.2f}",
-            f"{row.get('ssim', float('nan')):.3f}",
+            f"{row['psnr']:.2f}" if "psnr" in row else "–",  # the first row is the reference, real data has none
+            f"{row['ssim']:.3f}" if "ssim" in row else "–",
         ]
         if "temporal" in row:
             cells.append(f"{row['temporal']:.3f}")
