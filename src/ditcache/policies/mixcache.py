@@ -239,7 +239,8 @@ class MixCachePolicy(Policy):
             return self._cond_half_only(call, mode, cond_rows)
         if branch == "uncond" and mode != "full" and step in self.cond_output and self.delta_cfg is not None:
             return call.reuse(self.cond_output[step] + self.delta_cfg)
-        state["mode"], state["rows"] = self._pass_mode(state, mode), None
+        # A whole-batch pass of a batched-CFG forward computes every block: its block caches hold cond rows only.
+        state["mode"], state["rows"] = (self._pass_mode(state, mode) if cond_rows is None else "full"), None
         output = call.run()
         sample = sample_of(output)
         if not is_finite(sample):
