@@ -184,6 +184,8 @@ def test_batched_cfg_computes_only_the_conditional_half(tiny_profile):
             assert dict(record.executed_key)["hidden_states"][0] == 2  # 2 of the 4 rows computed
         else:
             assert record.executed_key is None
+    assert stats_b.partial_batch_forwards == sum(m == "cfg" or m.startswith("block:") for m in modes.values())
+    assert stats_s.partial_batch_forwards == 0
     torch.testing.assert_close(out_b, out_s, atol=1e-4, rtol=1e-4)
     assert stats_b.macs_speedup == pytest.approx(stats_s.macs_speedup, rel=1e-2)
 

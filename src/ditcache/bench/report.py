@@ -48,9 +48,11 @@ def _notes(row: Row) -> str:
         return f"{row.status}: {row.reason}"
     extra = row.extra
     if "reused_forwards" in extra:
+        partial = extra.get("partial_batch_forwards", 0)
         return (
             f"{extra['reused_forwards']}/{extra['forwards']} forwards reused, "
-            f"{extra['blocks_per_forward']:.1f}/{extra['blocks_total']} blocks/forward"
+            + (f"{partial} on part of the batch, " if partial else "")
+            + f"{extra['blocks_per_forward']:.1f}/{extra['blocks_total']} blocks/forward"
         )
     if "cached_steps" in extra:
         return f"{extra['cached_steps']} cached steps"

@@ -53,6 +53,7 @@ def ditcache_policy(name: str, steps: int) -> Variant:
             g = stats.last
             return {
                 "reused_forwards": g.reused_forwards,
+                "partial_batch_forwards": g.partial_batch_forwards,
                 "forwards": g.forwards,
                 "blocks_per_forward": sum(g.blocks_computed) / max(1, g.forwards),
                 "blocks_total": g.blocks_total,

@@ -238,6 +238,7 @@ class Engine:
             blocks_total=num_blocks,
             token_fraction=token_sum / max(1, num_blocks * len(records)),
             trial_forwards=sum(len(r.trial_keys) for r in records),
+            partial_batch_forwards=sum(r.executed_key is not None for r in records),
             macs_full=macs_full,
             macs_executed=macs_executed,
             decide_seconds=sum(r.decide_seconds for r in records),

@@ -52,6 +52,7 @@ class GenerationStats:
     blocks_total: int
     token_fraction: float  # computed tokens / tokens of all blocks over all forwards
     trial_forwards: int
+    partial_batch_forwards: int  # forwards that computed only some batch rows (e.g. the cond half of CFG)
     macs_full: int  # what the uncached model would have spent on the same forwards
     macs_executed: int  # what was spent, trial forwards included
     decide_seconds: float
@@ -104,8 +105,9 @@ class Stats:
         if not self.generations:
             return f"{self.policy}: no generation yet"
         g = self.last
+        partial = f"{g.partial_batch_forwards} on part of the batch, " if g.partial_batch_forwards else ""
         return (
-            f"{self.policy}: {g.reused_forwards}/{g.forwards} forwards reused, "
+            f"{self.policy}: {g.reused_forwards}/{g.forwards} forwards reused, {partial}"
             f"{sum(g.blocks_computed) / max(1, g.forwards):.1f}/{g.blocks_total} blocks per forward, "
             f"tokens {g.token_fraction:.0%}, MACs speedup {g.macs_speedup:.2f}x, "
             f"decide {g.decide_seconds * 1e3:.1f} ms, cache {self.cache_bytes / 2**20:.1f} MiB"
