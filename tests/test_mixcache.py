@@ -1,6 +1,5 @@
 """MixCache: Algorithm 1's decisions on synthetic D values, profiles, CFG skipping, batch/no-CFG."""
 
-import dataclasses
 import warnings
 
 import pytest
@@ -10,19 +9,10 @@ import ditcache
 from ditcache.calibration.mixcache import calibrate, candidate_positions, stabilised_from
 from ditcache.calibration.profiles import Profile, ProfileMismatchError
 from ditcache.policies.mixcache import MixCacheController
-from ditcache.refmodels import REF_IMAGE, RefModel, RefPipeline
+from ditcache.refmodels import RefModel, RefPipeline
+from ditcache.testing import tiny_ref_image_spec
 
-TINY = dataclasses.replace(
-    REF_IMAGE,
-    transformer=dict(
-        REF_IMAGE.transformer,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        axes_dims_rope=(2, 2, 4),
-    ),
-)
+TINY = tiny_ref_image_spec(num_layers=2, num_single_layers=2)
 
 
 def _controller(**kwargs):

@@ -1,7 +1,5 @@
 """Reference models: data, packing, training on a tiny config, shipped weights, sampler, classifier."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -11,18 +9,9 @@ from ditcache.refmodels import REF_IMAGE, REF_VIDEO, RefModel, RefPipeline
 from ditcache.refmodels.data import CLASS_PHOTOS, sample_images, sample_videos
 from ditcache.refmodels.models import pack, unpack
 from ditcache.refmodels.train import train
+from ditcache.testing import tiny_ref_image_spec
 
-TINY_IMAGE = dataclasses.replace(
-    REF_IMAGE,
-    transformer=dict(
-        REF_IMAGE.transformer,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        axes_dims_rope=(2, 2, 4),
-    ),
-)
+TINY_IMAGE = tiny_ref_image_spec()
 
 
 def test_data_is_deterministic_in_range_and_videos_move():

@@ -131,3 +131,21 @@ def euler_sample(
             v = u + guidance * (v - u)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     return x
+
+
+def tiny_ref_image_spec(num_layers: int = 1, num_single_layers: int = 1) -> Any:
+    """`ref-image`'s layout (32x32 RGB, 4x4 packing, class encoder) on a tiny Flux: for training and pipeline
+    tests that need the reference glue but not the shipped weights."""
+    import dataclasses
+
+    from .refmodels import REF_IMAGE
+
+    transformer = dict(
+        REF_IMAGE.transformer,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        axes_dims_rope=(2, 2, 4),
+    )
+    return dataclasses.replace(REF_IMAGE, transformer=transformer)

@@ -62,11 +62,14 @@ class ForwardCall:
 
         A policy may call it more than once (e.g. a cheap variant with cached submodules first); every
         pass is counted in stats and MACs."""
+        return self._pass(self._args, self._kwargs)
+
+    def _pass(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         if self._passes_started:
             self.record.passes += 1
         self._passes_started = True
         start = time.perf_counter()
-        output = self._original(*self._args, **self._kwargs)
+        output = self._original(*args, **kwargs)
         self.record.compute_seconds += time.perf_counter() - start
         if not self.engine.hooks_blocks:
             self.record.block_fraction = [1.0] * self.record.num_blocks
@@ -86,18 +89,10 @@ class ForwardCall:
             else value
             for name, value in self.arguments.items()
         }
-        if self._passes_started:
-            self.record.passes += 1
-        self._passes_started = True
         key = shape_key(kwargs)
         self.record.executed_key = key
         self.engine.remember_example(key, kwargs)
-        start = time.perf_counter()
-        output = self._original(**kwargs)
-        self.record.compute_seconds += time.perf_counter() - start
-        if not self.engine.hooks_blocks:
-            self.record.block_fraction = [1.0] * self.record.num_blocks
-        return output
+        return self._pass((), kwargs)
 
     def run_trial(self, **overrides: Any) -> torch.Tensor:
         """An extra uncached forward with some arguments replaced; counted in stats and MACs."""

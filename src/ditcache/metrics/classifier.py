@@ -50,7 +50,8 @@ class SampleClassifier(torch.nn.Module):
         return self.head(self.features(images))
 
 
-def _as_frames(samples: torch.Tensor) -> tuple[torch.Tensor, int]:
+def as_frames(samples: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Videos (B, C, F, H, W) -> their frames (B*F, C, H, W) and F; images pass through with F = 1."""
     if samples.ndim == 5:  # (B, C, F, H, W)
         return samples.permute(0, 2, 1, 3, 4).flatten(0, 1), samples.shape[2]
     return samples, 1
@@ -88,7 +89,7 @@ def train_classifier(
     per_item = spec.sample_shape[1] if spec.is_video else 1  # a video gives `frames` training images
     for _ in tqdm(range(steps), desc=f"classifier {model_name}", disable=not progress, mininterval=5):
         labels = torch.randint(0, len(CLASS_PHOTOS), (max(1, batch // per_item),), generator=generator)
-        frames, nf = _as_frames(_real_batch(model_name, labels, generator))
+        frames, nf = as_frames(_real_batch(model_name, labels, generator))
         frames = frames + 0.05 * torch.randn(frames.shape, generator=generator)  # robust to sampler noise
         loss = F.cross_entropy(net(frames), labels.repeat_interleave(nf))
         optimizer.zero_grad()
@@ -116,7 +117,7 @@ def load_classifier(model_name: str, weights_dir: Path | None = None) -> SampleC
 
 @torch.no_grad()
 def class_accuracy(net: SampleClassifier, samples: torch.Tensor, labels: torch.Tensor) -> float:
-    frames, nf = _as_frames(samples)
+    frames, nf = as_frames(samples)
     logits = net(frames.clamp(-1, 1)).view(len(labels), nf, -1).mean(1)
     return float((logits.argmax(-1) == labels).float().mean())
 
@@ -124,6 +125,6 @@ def class_accuracy(net: SampleClassifier, samples: torch.Tensor, labels: torch.T
 @torch.no_grad()
 def sample_features(net: SampleClassifier, samples: torch.Tensor) -> torch.Tensor:
     """(B, 64) for images; (B, F, 64) for videos."""
-    frames, nf = _as_frames(samples)
+    frames, nf = as_frames(samples)
     feats = net.features(frames.clamp(-1, 1))
     return feats.view(samples.shape[0], nf, -1) if samples.ndim == 5 else feats

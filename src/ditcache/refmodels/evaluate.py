@@ -8,7 +8,7 @@ import functools
 import torch
 
 from ..metrics import frechet_distance, psnr, radial_log_spectrum, ssim, temporal_consistency
-from ..metrics.classifier import class_accuracy, load_classifier, real_samples, sample_features
+from ..metrics.classifier import as_frames, class_accuracy, load_classifier, real_samples, sample_features
 
 REAL_SAMPLES = 512
 
@@ -28,8 +28,7 @@ def _real_spectra(model_name: str) -> torch.Tensor:
 
 
 def _spectra(samples: torch.Tensor) -> torch.Tensor:
-    frames = samples.transpose(1, 2).flatten(0, 1) if samples.ndim == 5 else samples  # videos: per frame
-    return radial_log_spectrum(frames.clamp(-1, 1))
+    return radial_log_spectrum(as_frames(samples)[0].clamp(-1, 1))  # videos: one spectrum per frame
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
