@@ -110,7 +110,7 @@ def test_cfg_granularity_skips_the_unconditional_forward(tiny_profile):
     pipe, path = tiny_profile
     handle = ditcache.apply(pipe, ditcache.MixCacheConfig(profile=str(path), granularities=("cfg",)))
     pipe([0, 1], num_inference_steps=12)
-    trace = dict(handle._engine.policy.trace)
+    trace = dict(handle.policy.trace)
     stats = handle.stats().last
     handle.remove()
     cfg_steps = sorted(s for s, mode in trace.items() if mode == "cfg")
@@ -124,7 +124,7 @@ def test_block_granularity_skips_the_blocks_up_to_the_candidate(tiny_profile):
     pipe, path = tiny_profile
     handle = ditcache.apply(pipe, ditcache.MixCacheConfig(profile=str(path), granularities=("block",)))
     pipe([0, 1], num_inference_steps=12)
-    trace = handle._engine.policy.trace
+    trace = handle.policy.trace
     stats = handle.stats().last
     handle.remove()
     forwards = {}
@@ -147,7 +147,7 @@ def test_without_cfg_branch_the_cfg_granularity_is_disabled_with_one_warning(tin
         out = pipe([0, 1], num_inference_steps=12, cfg_mode="batched")
         pipe([0, 1], num_inference_steps=12, cfg_mode="batched")
     assert sum("CFG granularity is disabled" in str(w.message) for w in caught) == 1
-    assert all(mode != "cfg" for _, mode in handle._engine.policy.trace)
+    assert all(mode != "cfg" for _, mode in handle.policy.trace)
     assert torch.isfinite(out).all()
     handle.remove()
 
@@ -162,7 +162,7 @@ def test_batched_cfg_computes_only_the_conditional_half(tiny_profile):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no "CFG granularity is disabled" warning in either mode
             out = pipe([0, 1], num_inference_steps=12, cfg_mode=cfg_mode)
-        runs[cfg_mode] = (out, handle._engine.policy.trace, handle.stats().last, list(handle._engine._records))
+        runs[cfg_mode] = (out, handle.policy.trace, handle.stats().last, list(handle._engine._records))
         handle.remove()
     (out_s, trace_s, stats_s, _), (out_b, trace_b, stats_b, records_b) = runs["separate"], runs["batched"]
     assert trace_b == trace_s

@@ -93,7 +93,7 @@ def _epsilon_profile(tmp_path, steps=10):
     trajectory = []
     with handle.generation(num_steps=steps):
         _ddim_loop(model, inputs, scheduler, record=trajectory)
-    profile = build_profile(model, "tiny-wan", handle._engine.policy.q, trajectory, steps)
+    profile = build_profile(model, "tiny-wan", handle.policy.q, trajectory, steps)
     handle.remove()
     path = profile.save(tmp_path / "omnicache-tiny.json")
     return model, inputs, scheduler, path

@@ -29,7 +29,7 @@ def _run(name, config, steps=10, batch=2):
     reference = euler_sample(model, name, inputs, steps, uncond)
     handle = ditcache.apply(model, config)
     out = euler_sample(model, name, inputs, steps, uncond, handle=handle)
-    policy = handle._engine.policy
+    policy = handle.policy
     stats = handle.stats().last
     handle.remove()
     return out, reference, stats, policy

@@ -75,12 +75,12 @@ def step_impact_study(
 
     handle = apply(pipe, PreciseCacheConfig(alpha=1e-9))
     run()
-    lfd_by_step = dict(handle._engine.policy.lfd_trace)
+    lfd_by_step = dict(handle.policy.lfd_trace)
     handle.remove()
     handle = apply(pipe, TeaCacheConfig(threshold=0.0))
     run()
     input_by_step: dict[int, list[float]] = {}
-    for step, _, value in handle._engine.policy.trace:
+    for step, _, value in handle.policy.trace:
         input_by_step.setdefault(step, []).append(value)
     handle.remove()
 

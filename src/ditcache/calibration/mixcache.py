@@ -123,7 +123,7 @@ def calibrate(
         _, trajectory = pipe(
             labels, num_inference_steps=steps, guidance_scale=guidance, seed=seed, return_trajectory=True
         )
-        record = handle._engine.policy
+        record = handle.policy
         outputs, blocks = dict(record.outputs), dict(record.blocks)
     finally:
         handle.remove()

@@ -46,7 +46,7 @@ class OmniCacheCalibrationPolicy(Policy):
     def forward(self, call: ForwardCall) -> Any:
         state = call.state
         approx = None
-        if len(state["subs"]) == len(self.engine.submodules):
+        if len(state["subs"]) == len(self.model_view.submodules):
             state["mode"] = "reuse"
             approx = sample_of(call.run())
         state["mode"] = "compute"
@@ -97,7 +97,7 @@ def calibrate(
         _, trajectory = pipe(
             labels, num_inference_steps=steps, guidance_scale=guidance, seed=seed, return_trajectory=True
         )
-        q = dict(handle._engine.policy.q)
+        q = dict(handle.policy.q)
     finally:
         handle.remove()
     meta = {"samples": samples, "seed": seed, "guidance": guidance}

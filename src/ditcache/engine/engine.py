@@ -16,6 +16,7 @@ from .context import StepTracker
 from .hooks import AttributeOverride, ForwardHook
 from .macs import CostTable, measure_costs
 from .stats import REUSED, ForwardRecord, GenerationStats, Stats, tensor_bytes
+from .view import ModelView
 
 if TYPE_CHECKING:
     from ..policies.base import Policy
@@ -48,7 +49,8 @@ class Engine:
         self._hooks: list[ForwardHook] = []
         self._overrides: list[AttributeOverride] = []
         self.removed = False
-        policy.bind(self)
+        self.view = ModelView(model, adapter, tuple(self.blocks), tuple(self.submodules))
+        policy.bind(self.view)
 
     # ----------------------------------------------------------------- install / remove
     def _find_blocks(self) -> list[BlockRef]:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import PolicyConfig
 from .engine import Engine
 from .stats import Stats
+
+if TYPE_CHECKING:
+    from ..policies.base import Policy
 
 
 class CacheHandle:
@@ -23,6 +26,11 @@ class CacheHandle:
     @property
     def model(self) -> torch.nn.Module:
         return self._engine.model
+
+    @property
+    def policy(self) -> Policy:
+        """The policy instance driving this model (its traces and controllers are public for analysis)."""
+        return self._engine.policy
 
     @property
     def active(self) -> bool:

@@ -17,7 +17,7 @@ from ..config import PolicyConfig
 from ..engine.calls import BlockCall, ForwardCall, SubmoduleCall
 
 if TYPE_CHECKING:
-    from ..engine.engine import Engine
+    from ..engine.view import ModelView
 
 
 class Policy:
@@ -27,10 +27,14 @@ class Policy:
     def __init__(self, config: PolicyConfig, adapter: ModelAdapter) -> None:
         self.config = config
         self.adapter = adapter
-        self.engine: Engine | None = None
+        self.model_view: ModelView | None = None
 
-    def bind(self, engine: Engine) -> None:
-        self.engine = engine
+    # Set by policies whose design lets one CFG branch use the other's outputs (MixCache's CFG granularity
+    # approximates uncond from cond); all others keep the branches fully isolated.
+    couples_cfg_branches: bool = False
+
+    def bind(self, model_view: ModelView) -> None:
+        self.model_view = model_view
 
     def new_branch_state(self) -> Any:
         return {}

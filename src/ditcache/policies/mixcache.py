@@ -140,6 +140,7 @@ class MixCacheController:
 @register_policy(MixCacheConfig)
 class MixCachePolicy(Policy):
     uses_block_hooks = True
+    couples_cfg_branches = True  # the CFG granularity predicts uncond as cond + cached difference
 
     def __init__(self, config: MixCacheConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
@@ -189,7 +190,7 @@ class MixCachePolicy(Policy):
             raise ValueError("MixCache needs the number of steps: use a pipeline or handle.generation(num_steps=...)")
         if self.controller is not None and self.num_steps == num_steps:
             return
-        model = self.engine.model
+        model = self.model_view.model
         profile = self._given or find_profile(METHOD, model, num_steps)
         profile.check(METHOD, model, num_steps)
         data, config = profile.data, self.config

@@ -75,7 +75,7 @@ class OmniCacheTrajectoryPolicy(Policy):
             raise ValueError("OmniCache needs the number of steps: use a pipeline or handle.generation(num_steps=...)")
         if self.num_steps == num_steps:
             return
-        model = self.engine.model
+        model = self.model_view.model
         profile = self._given or find_profile(METHOD, model, num_steps)
         profile.check(METHOD, model, num_steps)
         self.profile = profile
@@ -86,7 +86,7 @@ class OmniCacheTrajectoryPolicy(Policy):
     def forward(self, call: ForwardCall) -> Any:
         self._prepare(call)
         step, state, config = call.info.step, call.state, self.config
-        have_cache = len(state["subs"]) == len(self.engine.submodules)
+        have_cache = len(state["subs"]) == len(self.model_view.submodules)
         if step in self.reuse_steps and have_cache:
             state["mode"] = "reuse"
             output = call.run()
@@ -107,7 +107,7 @@ class OmniCacheTrajectoryPolicy(Policy):
         if not self.config.filtering:
             return q
         layout = self.adapter.latent_layout
-        grid = self.adapter.grid(self.engine.model, call.arguments)
+        grid = self.adapter.grid(self.model_view.model, call.arguments)
         low, high = frequency_split(to_5d(q, layout, grid), self.config.filter_radius)
         early = call.info.step < self.config.filter_switch * self.num_steps
         return from_5d(low if early else high, layout)

@@ -135,7 +135,7 @@ class PreciseCachePolicy(Policy):
 
     def trial_lfd(self, call: ForwardCall, cached: torch.Tensor) -> float:
         """LFD between a trial forward on the downsampled latent and the downsampled cached prediction."""
-        adapter, model = self.adapter, self.engine.model
+        adapter, model = self.adapter, self.model_view.model
         grid = adapter.grid(model, call.arguments)
         layout = adapter.latent_layout
         x5 = to_5d(call.hidden_states, layout, grid)
@@ -175,7 +175,7 @@ class PreciseCachePolicy(Policy):
     def _after_blocks(self, state: dict[str, Any]) -> None:
         if not self.uses_block_hooks or state["mode"] != "full" or not state["change"]:
             return
-        count = int(round(self.config.block_cache_ratio * len(self.engine.blocks)))
+        count = int(round(self.config.block_cache_ratio * len(self.model_view.blocks)))
         ranked = sorted(state["change"], key=state["change"].get)
         state["skip"] = set(ranked[:count])
         state["uses_left"] = self.config.block_cache_steps

@@ -92,7 +92,7 @@ class StaticIntervalPolicy(Policy):
         if config.reuse == "output":
             return reuse_or_compute(call, not compute)
         # Block residual reuse: blocks decide from this flag; residuals must exist for every block.
-        state["reusing"] = not compute and len(state["residuals"]) == len(self.engine.blocks)
+        state["reusing"] = not compute and len(state["residuals"]) == len(self.model_view.blocks)
         return call.run()
 
     def block(self, call: BlockCall) -> Any:

@@ -67,7 +67,7 @@ class TeaCachePolicy(Policy):
         if call.ref.position == 0:
             modulated = self.adapter.modulated_input(call.ref.module, call._args, call._kwargs).detach()
             previous, state["previous"] = state["previous"], modulated
-            complete = len(state["residuals"]) == len(self.engine.blocks)
+            complete = len(state["residuals"]) == len(self.model_view.blocks)
             if previous is not None:
                 self.trace.append((call.info.step, call.info.branch, self.rel_l1(modulated, previous)))
             if previous is not None and complete and call.info.step >= self.config.warmup_steps:
