@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BLOCK_KINDS, BlockListSpec, LatentGrid, ModelAdapter
+from .base import BLOCK_KINDS, TOKEN_ORDERS, BlockListSpec, LatentGrid, ModelAdapter, TokenArg
 from .flux import FLUX
 from .sd3 import SD3
 from .wan import WAN
@@ -55,6 +55,8 @@ __all__ = [
     "BlockListSpec",
     "LatentGrid",
     "ModelAdapter",
+    "TOKEN_ORDERS",
+    "TokenArg",
     "adapter_for",
     "register_adapter",
     "supported_models",

@@ -8,26 +8,59 @@ space or time, and how to read the latent grid so tokens can be mapped back to (
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 BLOCK_KINDS = ("joint", "spatial", "temporal", "spatiotemporal")
+# Order of the image/video tokens in a block's token stream, slowest axis first: "fhw" = frame-major, then row,
+# then column (Flux's packed latents, Wan's flattened patches); "hwf" = all frames of one position together.
+TOKEN_ORDERS = ("fhw", "hwf")
+TOKEN_BATCH_MODES = ("batched", "broadcast", "shared")
 
 
 @dataclasses.dataclass(frozen=True)
 class LatentGrid:
-    """Token grid after patchify: `frames * height * width` image/video tokens per sample."""
+    """Token grid after patchify: `frames * height * width` image/video tokens per sample, in `order`."""
 
     frames: int
     height: int
     width: int
     patch: tuple[int, int, int] = (1, 1, 1)
+    order: str = "fhw"
+
+    def __post_init__(self) -> None:
+        if self.order not in TOKEN_ORDERS:
+            raise ValueError(f"order must be one of {TOKEN_ORDERS}, got {self.order!r}")
 
     @property
     def num_tokens(self) -> int:
         return self.frames * self.height * self.width
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenArg:
+    """A block argument with one entry per token, gathered with the same indices as the token stream when a
+    block runs on a subset of its tokens (`BlockCall.run_tokens`).
+
+    `batch` says how its batch axis looks: "batched" (dim 0 is the batch, e.g. Wan 2.2's per-token temb),
+    "broadcast" (a size-1 batch axis, e.g. Wan's rotary table (1, S, 1, D)) or "shared" (no batch axis, e.g.
+    Flux's rotary table (S, D)). `offset_arg` names the argument whose token count (its dim 1) comes first in
+    this tensor: Flux's rotary table covers [text; image] tokens, so the image tokens start after the text's
+    and the text entries are always kept. `ndim` restricts the gathering to tensors of that rank (Wan's temb
+    is per token only in its 4-D form). A tuple value (a (cos, sin) pair) is gathered element by element.
+    """
+
+    name: str
+    dim: int
+    batch: str = "batched"
+    offset_arg: str | None = None
+    ndim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch not in TOKEN_BATCH_MODES:
+            raise ValueError(f"batch must be one of {TOKEN_BATCH_MODES}, got {self.batch!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +79,10 @@ class BlockListSpec:
     # Submodules whose outputs are "attention" and "MLP" for policies that reuse them inside a block.
     attention: tuple[str, ...] = ("attn",)
     mlp: tuple[str, ...] = ("ff",)
+    # The carried tensor that holds the image/video tokens (B, N, C); text streams are never subset.
+    token_stream: str = "hidden_states"
+    # Other arguments with a token axis (rotary tables, per-token modulation).
+    token_args: tuple[TokenArg, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in BLOCK_KINDS:
@@ -71,21 +108,17 @@ class ModelAdapter:
     resized_kwargs: Callable[[dict[str, Any], LatentGrid], dict[str, Any]] | None = None
     # Patch size (frames, height, width) the latent must stay divisible by after downsampling.
     patch: Callable[[torch.nn.Module], tuple[int, int, int]] = lambda model: (1, 1, 1)
-    # (first block, its args, its kwargs) -> the timestep-modulated input of that block: the cheap
+    # (first block, its arguments bound by name) -> the timestep-modulated input of that block: the cheap
     # feature TeaCache-style criteria watch.
-    modulated_input: Callable[[torch.nn.Module, tuple, dict[str, Any]], torch.Tensor] | None = None
+    modulated_input: Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor] | None = None
     hidden_states_arg: str = "hidden_states"
     timestep_arg: str = "timestep"
-    # Positional order of the model's forward arguments we need to find when passed positionally.
-    forward_args: tuple[str, ...] = ("hidden_states",)
     # Tensor arguments without a batch dimension (Flux's position ids): a forward on a subset of the batch
     # rows (`ForwardCall.run_rows`) passes them unchanged even when their first size equals the batch size.
     unbatched_args: tuple[str, ...] = ()
     notes: str = ""
 
 
-def adaln_zero_modulated_input(block: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+def adaln_zero_modulated_input(block: torch.nn.Module, arguments: Mapping[str, Any]) -> torch.Tensor:
     """Blocks whose `norm1` is an AdaLayerNormZero called as `norm1(hidden_states, emb=temb)` (Flux, SD3)."""
-    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    temb = kwargs["temb"] if "temb" in kwargs else args[2]
-    return block.norm1(hidden_states, emb=temb)[0]
+    return block.norm1(arguments["hidden_states"], emb=arguments["temb"])[0]

@@ -1,4 +1,7 @@
-"""FluxTransformer2DModel: 19 dual-stream ("joint") blocks, then 38 single-stream blocks (FLUX.1)."""
+"""FluxTransformer2DModel: 19 dual-stream ("joint") blocks, then 38 single-stream blocks (FLUX.1).
+
+Both block kinds take the image tokens (row-major) as `hidden_states` and the text as `encoder_hidden_states`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 
-from .base import BlockListSpec, LatentGrid, ModelAdapter, adaln_zero_modulated_input
+from .base import BlockListSpec, LatentGrid, ModelAdapter, TokenArg, adaln_zero_modulated_input
 
 
 def _flux_grid(model: torch.nn.Module, kwargs: dict[str, Any]) -> LatentGrid:
@@ -34,6 +37,9 @@ def _flux_resized_kwargs(kwargs: dict[str, Any], grid: LatentGrid) -> dict[str, 
     return {"img_ids": flux_image_ids(grid.height, grid.width).to(device=like.device, dtype=like.dtype)}
 
 
+# Rotary (cos, sin), each (S_text + S_image, D) with no batch axis, text positions first.
+_FLUX_ROTARY = TokenArg("image_rotary_emb", dim=0, batch="shared", offset_arg="encoder_hidden_states")
+
 FLUX = ModelAdapter(
     name="flux",
     model_class=FluxTransformer2DModel,
@@ -45,6 +51,7 @@ FLUX = ModelAdapter(
             kind="joint",
             attention=("attn",),
             mlp=("ff", "ff_context"),
+            token_args=(_FLUX_ROTARY,),
         ),
         BlockListSpec(
             attr="single_transformer_blocks",
@@ -53,12 +60,12 @@ FLUX = ModelAdapter(
             kind="joint",
             attention=("attn",),
             mlp=("proj_mlp",),
+            token_args=(_FLUX_ROTARY,),
         ),
     ),
     latent_layout="BNC",
     grid=_flux_grid,
     resized_kwargs=_flux_resized_kwargs,
     modulated_input=adaln_zero_modulated_input,
-    forward_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
     unbatched_args=("img_ids", "txt_ids"),
 )

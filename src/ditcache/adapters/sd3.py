@@ -1,4 +1,7 @@
-"""SD3Transformer2DModel: one list of MMDiT joint blocks; the last drops the text stream (returns None)."""
+"""SD3Transformer2DModel: one list of MMDiT joint blocks; the last drops the text stream (returns None).
+
+Image tokens are the row-major patches; no rotary table, so no per-token argument besides the stream.
+"""
 
 from __future__ import annotations
 
@@ -33,5 +36,4 @@ SD3 = ModelAdapter(
     grid=_sd3_grid,
     patch=lambda model: (1, model.config.patch_size, model.config.patch_size),
     modulated_input=adaln_zero_modulated_input,
-    forward_args=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"),
 )

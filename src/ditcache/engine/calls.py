@@ -3,22 +3,26 @@
 They are the hook points every method is built from:
 - `ForwardCall.run()` computes the step; `reuse(sample)` returns a cached/corrected output instead;
   `run_trial(...)` runs an extra forward (e.g. on a downsampled latent) that the policy does not see.
-- `BlockCall.run()` computes a block; `skip(residuals)` returns `input + cached residual` instead.
+- `BlockCall.run()` computes a block; `run_tokens(index, base)` computes some of its tokens;
+  `skip(residuals)` returns `input + cached residual` instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from ..adapters import BlockListSpec
+from .binding import BoundCall
 from .context import ForwardInfo
 from .stats import REUSED, ForwardRecord
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -33,25 +37,50 @@ def sample_of(output: Any) -> torch.Tensor:
     return output.sample
 
 
-def shape_key(kwargs: dict[str, Any]) -> tuple:
-    return tuple((k, tuple(v.shape)) for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+def shape_key(kwargs: Mapping[str, Any]) -> tuple:
+    """The shapes of every tensor argument (tensors inside tuples and dicts too): what MACs depend on."""
+    return tuple(
+        (k, tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(tuple(t.shape) for t in iter_tensors(v)))
+        for k, v in kwargs.items()
+        if iter_tensors(v)
+    )
+
+
+@torch.compiler.disable
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """One host sync for any number of tensors: never cache NaN / inf, it would be replayed into later steps."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 class ForwardCall:
+    """One call of the model's forward, as a policy sees it.
+
+    Verbs: `run()` computes the step (block hooks active); `run_rows(rows)` computes part of the batch;
+    `run_trial(**overrides)` runs an extra uncached forward the policy does not see; `reuse(sample)` returns
+    a cached or corrected output instead of computing. Every tensor a policy puts into a cache goes through
+    `store(value)`: the engine checks all of them (and the output) for NaN / inf once at the end of the
+    forward, and a non-finite forward resets the branch's state instead of being replayed later.
+
+    Read: `info` (generation, step, branch), `arguments` (every model argument by name), `hidden_states`,
+    `state` (this branch's policy state), `record` (what stats will count).
+    """
+
     def __init__(
         self,
         engine: Engine,
         original: Callable,
-        args: tuple,
-        kwargs: dict[str, Any],
+        bound: BoundCall,
         info: ForwardInfo,
         state: Any,
         record: ForwardRecord,
     ) -> None:
         self.engine, self.info, self.state, self.record = engine, info, state, record
-        self._original, self._args, self._kwargs = original, args, kwargs
-        self.arguments = engine.bind_forward_args(args, kwargs)
+        self._original, self._bound = original, bound
+        self.arguments: Mapping[str, Any] = bound.arguments
         self._passes_started = False
+        self._stored: list[torch.Tensor] = []
 
     @property
     def hidden_states(self) -> torch.Tensor:
@@ -62,7 +91,7 @@ class ForwardCall:
 
         A policy may call it more than once (e.g. a cheap variant with cached submodules first); every
         pass is counted in stats and MACs."""
-        return self._pass(self._args, self._kwargs)
+        return self._pass(self._bound.args, self._bound.kwargs)
 
     def _pass(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         if self._passes_started:
@@ -73,6 +102,7 @@ class ForwardCall:
         self.record.compute_seconds += time.perf_counter() - start
         if not self.engine.hooks_blocks:
             self.record.block_fraction = [1.0] * self.record.num_blocks
+            self.record.full_block_runs = [n + 1 for n in self.record.full_block_runs]
         return output
 
     def run_rows(self, rows: slice) -> Any:
@@ -87,7 +117,7 @@ class ForwardCall:
             name: value[rows]
             if isinstance(value, torch.Tensor) and name not in unbatched and value.ndim and value.shape[0] == batch
             else value
-            for name, value in self.arguments.items()
+            for name, value in self._bound.passed.items()
         }
         key = shape_key(kwargs)
         self.record.executed_key = key
@@ -96,7 +126,7 @@ class ForwardCall:
 
     def run_trial(self, **overrides: Any) -> torch.Tensor:
         """An extra uncached forward with some arguments replaced; counted in stats and MACs."""
-        kwargs = {**self.arguments, **overrides, "return_dict": False}
+        kwargs = {**self._bound.passed, **overrides, "return_dict": False}
         start = time.perf_counter()
         with self.engine.bypassed():
             output = self._original(**kwargs)
@@ -116,6 +146,28 @@ class ForwardCall:
             return Transformer2DModelOutput(sample=sample)
         return (sample,)
 
+    def store(self, value: T) -> T:
+        """Mark `value` (a tensor, or a dict / tuple / list of tensors and None) as going into a cache and
+        return it unchanged. The engine checks everything stored during this forward once, at its end."""
+        self._stored.extend(iter_tensors(value))
+        return value
+
+    def finish(self, output: Any) -> bool:
+        """End of the forward: True when the output and every stored tensor are finite (one host sync)."""
+        tensors = [*self._stored, sample_of(output)]
+        self._stored = []
+        return all_finite(tensors)
+
+
+def iter_tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in iter_tensors(item)]
+    return []
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockRef:
@@ -127,19 +179,31 @@ class BlockRef:
 
 
 class BlockCall:
+    """One call of a hooked transformer block inside a forward.
+
+    `arguments` holds every block argument by name (bound to the block's forward signature once per class);
+    `inputs()` the carried tensors the adapter names. Verbs: `run()`; `run_tokens(index, base)` computes only
+    some image/video tokens and fills the rest from `base`; `skip(residuals)` = input + cached residual;
+    `replace(values)` returns cached outputs; `passthrough()` hands the inputs on.
+    """
+
     def __init__(self, forward: ForwardCall, ref: BlockRef, original: Callable, args: tuple, kwargs: dict) -> None:
         self.forward, self.ref = forward, ref
-        self._original, self._args, self._kwargs = original, args, kwargs
+        self._original = original
+        self._bound = BoundCall(type(ref.module), args, kwargs)
+        self.arguments: Mapping[str, Any] = self._bound.arguments
 
     @property
     def info(self) -> ForwardInfo:
         return self.forward.info
 
+    @property
+    def num_tokens(self) -> int:
+        """Image/video tokens per sample in this block's token stream."""
+        return self.arguments[self.ref.spec.token_stream].shape[1]
+
     def inputs(self) -> dict[str, torch.Tensor]:
-        values = {}
-        for position, name in enumerate(self.ref.spec.inputs):
-            values[name] = self._kwargs[name] if name in self._kwargs else self._args[position]
-        return values
+        return {name: self.arguments[name] for name in self.ref.spec.inputs}
 
     def outputs_of(self, output: Any) -> dict[str, torch.Tensor | None]:
         names = self.ref.spec.outputs
@@ -154,9 +218,36 @@ class BlockCall:
         return tuple(values[name] for name in names)
 
     def run(self) -> Any:
-        output = self._original(*self._args, **self._kwargs)
-        self.forward.record.block_fraction[self.ref.position] = 1.0
+        output = self._original(*self._bound.args, **self._bound.kwargs)
+        self._count(self.num_tokens)
+        self.forward.record.full_block_runs[self.ref.position] += 1
         return output
+
+    def run_tokens(self, index: torch.Tensor, base: torch.Tensor | dict[str, torch.Tensor | None]) -> Any:
+        """Run the block on the tokens at `index` only and fill the others from `base`.
+
+        `index`: int64 `(k,)` (same tokens in every row) or `(B, k)` (per row). Text / conditioning tokens
+        always run; per-token arguments (rotary tables, per-token modulation; the adapter's `token_args`) are
+        gathered with the same indices, so the kept tokens attend to the kept tokens only. `base`: the full
+        token stream (B, N, C) to scatter the fresh tokens into (e.g. the cached output), or a dict of outputs
+        by name whose other entries stand in for the outputs when no token runs. Returns the block's output.
+        All tokens in order = `run()`; no tokens = `base`. Rows whose indices differ run as separate batches
+        when an argument has no batch axis (Flux's rotary table), so rows never depend on each other.
+        """
+        from .token_run import run_token_subset
+
+        return run_token_subset(self, index, base)
+
+    def call_with(self, replacements: Mapping[str, Any]) -> tuple[Any, tuple, dict[str, Any]]:
+        """Call the block's own forward with some arguments replaced (no accounting): (output, args, kwargs)."""
+        args, kwargs = self._bound.replaced(replacements)
+        return self._original(*args, **kwargs), args, kwargs
+
+    def _count(self, tokens: int, fraction: float | None = None) -> None:
+        record, position = self.forward.record, self.ref.position
+        record.block_tokens[position] += tokens
+        record.num_tokens = self.num_tokens
+        record.block_fraction[position] = tokens / max(1, self.num_tokens) if fraction is None else fraction
 
     def skip(self, residuals: dict[str, torch.Tensor | None]) -> Any:
         """Skip the block: each output is its input plus the cached residual (None stays None)."""
@@ -165,12 +256,12 @@ class BlockCall:
         for name in self.ref.spec.outputs:
             residual = residuals.get(name)
             values[name] = None if residual is None else inputs[name] + residual
-        self.forward.record.block_fraction[self.ref.position] = 0.0
+        self._count(0)
         return self.build_output(values)
 
     def replace(self, values: dict[str, torch.Tensor | None]) -> Any:
         """Skip the block and return `values` (e.g. its output cached at an earlier step) instead."""
-        self.forward.record.block_fraction[self.ref.position] = 0.0
+        self._count(0)
         return self.build_output(values)
 
     def passthrough(self) -> Any:

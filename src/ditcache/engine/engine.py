@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..adapters import ModelAdapter
+from .binding import BoundCall
 from .calls import BlockCall, BlockRef, ForwardCall, SubmoduleCall, SubmoduleRef, shape_key
 from .context import StepTracker
 from .hooks import AttributeOverride, ForwardHook
@@ -44,6 +45,8 @@ class Engine:
         self._records: list[ForwardRecord] = []
         self._examples: dict[tuple, dict[str, Any]] = {}
         self._costs: dict[tuple, CostTable] = {}
+        self._block_examples: dict[tuple, tuple[torch.nn.Module, tuple, dict]] = {}
+        self._block_costs: dict[tuple, int] = {}
         self._bypass = 0
         self._current: ForwardCall | None = None
         self._hooks: list[ForwardHook] = []
@@ -137,24 +140,21 @@ class Engine:
         finally:
             self._bypass -= 1
 
-    def bind_forward_args(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-        names = self.adapter.forward_args
-        if len(args) > len(names):
-            raise TypeError(
-                f"{type(self.model).__name__} was called with {len(args)} positional arguments; ditcache knows "
-                f"the first {len(names)} ({', '.join(names)}): pass the rest as keywords"
-            )
-        return {**dict(zip(names, args)), **kwargs}
-
     def remember_example(self, key: tuple, arguments: dict[str, Any]) -> None:
         if key not in self._examples and key not in self._costs:
             self._examples[key] = {**arguments, "return_dict": False}
+
+    def remember_block_example(self, key: tuple, block: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """A block call at a token-subset shape, measured lazily when stats are asked for."""
+        if key not in self._block_examples and key not in self._block_costs:
+            self._block_examples[key] = (block, args, kwargs)
 
     # ----------------------------------------------------------------- hooks
     def _model_forward(self, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         if self._bypass or self._current is not None:
             return original(*args, **kwargs)
-        arguments = self.bind_forward_args(args, kwargs)
+        bound = BoundCall(type(self.model), args, kwargs)
+        arguments = bound.passed
         hidden_states = arguments[self.adapter.hidden_states_arg]
         timestep = _timestep_value(arguments.get(self.adapter.timestep_arg))
         info, _ = self.tracker.locate(timestep, tuple(hidden_states.shape))
@@ -166,13 +166,18 @@ class Engine:
         key = shape_key(arguments)
         self.remember_example(key, arguments)
         record = ForwardRecord(info.generation, info.step, info.branch, key, len(self.blocks))
-        call = ForwardCall(self, original, args, kwargs, info, state, record)
+        call = ForwardCall(self, original, bound, info, state, record)
         self._current = call
         start = time.perf_counter()
         try:
             output = self.policy.forward(call)
         finally:
             self._current = None
+        if not call.finish(output):
+            # Never replay NaN / inf: the branch starts over as if new; the policy drops shared state too.
+            record.nonfinite = True
+            self._states[info.branch] = self.policy.new_branch_state()
+            self.policy.on_nonfinite(call)
         record.decide_seconds = max(0.0, time.perf_counter() - start - record.compute_seconds)
         self._records.append(record)
         return output
@@ -202,6 +207,13 @@ class Engine:
                 )
         return self._costs[key]
 
+    def _block_cost(self, key: tuple) -> int:
+        if key not in self._block_costs:
+            block, args, kwargs = self._block_examples.pop(key)
+            with self.bypassed():
+                self._block_costs[key] = measure_costs(lambda: block(*args, **kwargs), block, []).total
+        return self._block_costs[key]
+
     def clear_records(self) -> None:
         self._records.clear()
 
@@ -213,20 +225,27 @@ class Engine:
         cache_bytes = tensor_bytes(self._states) + tensor_bytes(self.policy.cached_tensors())
         return Stats(policy=self.policy.describe(), generations=generations, cache_bytes=cache_bytes)
 
+    def _executed_macs(self, record: ForwardRecord) -> int:
+        """Outside-blocks cost per pass, full block runs from the forward's table, token-subset runs from a
+        measurement of that block at that shape, minus skipped attention / MLP submodules."""
+        cost = self._cost(record.executed_key if record.executed_key is not None else record.shape_key)
+        macs = record.passes * cost.outside_blocks
+        macs += sum(runs * block for runs, block in zip(record.full_block_runs, cost.blocks))
+        macs += sum(self._block_cost(key) for key in record.token_runs)
+        return macs - sum(cost.submodules.get(name, 0) for name in record.skipped_submodules)
+
     def _generation_stats(self, generation: int, records: list[ForwardRecord]) -> GenerationStats:
         macs_full = macs_executed = 0
         token_sum = 0.0
+        block_tokens = [0] * len(self.blocks)
         for record in records:
             cost = self._cost(record.shape_key)
             macs_full += cost.total
             if record.kind != REUSED:
-                if record.executed_key is not None:
-                    cost = self._cost(record.executed_key)
-                one_pass = cost.outside_blocks + sum(c * f for c, f in zip(cost.blocks, record.block_fraction))
-                skipped = sum(cost.submodules.get(name, 0) for name in record.skipped_submodules)
-                macs_executed += round(record.passes * one_pass) - skipped
+                macs_executed += self._executed_macs(record)
             macs_executed += sum(self._cost(key).total for key in record.trial_keys)
             token_sum += sum(record.block_fraction)
+            block_tokens = [a + b for a, b in zip(block_tokens, record.block_tokens)]
         reused = [(r.step, r.branch) for r in records if r.kind == REUSED]
         num_blocks = len(self.blocks)
         return GenerationStats(
@@ -239,6 +258,7 @@ class Engine:
             blocks_computed=[sum(r.block_fraction) for r in records],
             blocks_total=num_blocks,
             token_fraction=token_sum / max(1, num_blocks * len(records)),
+            block_tokens=block_tokens,
             trial_forwards=sum(len(r.trial_keys) for r in records),
             partial_batch_forwards=sum(r.executed_key is not None for r in records),
             macs_full=macs_full,

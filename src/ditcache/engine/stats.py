@@ -26,8 +26,15 @@ class ForwardRecord:
     # Shape key of the passes actually run when they covered only part of the batch (`run_rows`).
     executed_key: tuple | None = None
     kind: str = COMPUTED
-    # Fraction of each block's tokens that were computed (0.0 = skipped, 1.0 = fully computed).
+    # Fraction of each block's tokens computed in the last pass (0.0 = skipped, 1.0 = fully computed).
     block_fraction: list[float] = dataclasses.field(default_factory=list)
+    # Image/video tokens per sample each block computed, summed over passes, and the block's token count.
+    block_tokens: list[int] = dataclasses.field(default_factory=list)
+    num_tokens: int = 0
+    # Cost sources: full runs per block (priced from the forward's cost table) and token-subset runs,
+    # (block position, shape key) priced by a measurement of that block at that shape.
+    full_block_runs: list[int] = dataclasses.field(default_factory=list)
+    token_runs: list[tuple[int, tuple]] = dataclasses.field(default_factory=list)
     trial_keys: list[tuple] = dataclasses.field(default_factory=list)
     passes: int = 1  # model passes with hooks active (a policy may run a second, cheaper variant)
     skipped_submodules: list[str] = dataclasses.field(default_factory=list)  # e.g. "blocks.3.attn1"
@@ -38,6 +45,10 @@ class ForwardRecord:
     def __post_init__(self) -> None:
         if not self.block_fraction:
             self.block_fraction = [0.0] * self.num_blocks
+        if not self.block_tokens:
+            self.block_tokens = [0] * self.num_blocks
+        if not self.full_block_runs:
+            self.full_block_runs = [0] * self.num_blocks
 
 
 @dataclasses.dataclass
@@ -51,6 +62,7 @@ class GenerationStats:
     blocks_computed: list[float]  # per forward: number of blocks computed (token-weighted)
     blocks_total: int
     token_fraction: float  # computed tokens / tokens of all blocks over all forwards
+    block_tokens: list[int]  # per block: image/video tokens per sample computed over the generation
     trial_forwards: int
     partial_batch_forwards: int  # forwards that computed only some batch rows (e.g. the cond half of CFG)
     macs_full: int  # what the uncached model would have spent on the same forwards

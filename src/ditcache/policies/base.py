@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..adapters import ModelAdapter
 from ..config import PolicyConfig
 from ..engine.calls import BlockCall, ForwardCall, SubmoduleCall
@@ -55,25 +53,19 @@ class Policy:
     def submodule(self, call: SubmoduleCall) -> Any:
         return call.run()
 
+    def on_nonfinite(self, call: ForwardCall) -> None:
+        """A forward produced or stored NaN / inf: the engine has already reset the branch's state; drop any
+        cross-branch state derived from it here."""
+
     def describe(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in self.config.to_dict().items() if k != "policy")
         return f"{type(self.config).__name__}({fields})"
 
 
-def is_finite(tensor: torch.Tensor) -> bool:
-    """Never put NaN/inf into a cache: it would be replayed into every reused step."""
-    return bool(torch.isfinite(tensor).all())
-
-
 def run_and_store_residuals(call: BlockCall, store: dict[int, dict]) -> Any:
-    """Compute a block and keep its residuals (output - input, per carried tensor) in
-    `store[position]`; a non-finite residual is dropped and flagged instead of cached."""
+    """Compute a block and keep its residuals (output - input, per carried tensor) in `store[position]`
+    (checked for NaN / inf by the engine at the end of the forward, like everything stored)."""
     inputs = call.inputs()
     output = call.run()
-    residuals = call.residuals(inputs, call.outputs_of(output))
-    if all(r is None or is_finite(r) for r in residuals.values()):
-        store[call.ref.position] = residuals
-    else:
-        store.pop(call.ref.position, None)
-        call.forward.record.nonfinite = True
+    store[call.ref.position] = call.forward.store(call.residuals(inputs, call.outputs_of(output)))
     return output

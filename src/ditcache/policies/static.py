@@ -15,7 +15,7 @@ from typing import Any
 from ..config import PolicyConfig, check_choice, check_int
 from ..engine.calls import BlockCall, ForwardCall, sample_of
 from ..registry import register_policy, register_preset
-from .base import Policy, is_finite, run_and_store_residuals
+from .base import Policy, run_and_store_residuals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +70,7 @@ def reuse_or_compute(call: ForwardCall, reuse: bool) -> Any:
     if reuse and state["output"] is not None:
         return call.reuse(state["output"])
     output = call.run()
-    sample = sample_of(output)
-    state["output"] = sample if is_finite(sample) else None
-    call.record.nonfinite = state["output"] is None
+    state["output"] = call.store(sample_of(output))
     return output
 
 
