@@ -12,7 +12,8 @@ import ditcache
 from ditcache.calibration.omnicache import OmniCacheCalibrationConfig, build_profile
 from ditcache.calibration.profiles import Profile, ProfileMismatchError
 from ditcache.calibration.trajectory import curvature, has_three_consecutive, project_3d, select_reuse_steps
-from ditcache.engine.latents import frequency_split
+from ditcache.numerics import frequency_split
+from ditcache.policies import mixcache, omnicache_trajectory
 from ditcache.testing import tiny_inputs, tiny_model
 
 
@@ -95,7 +96,7 @@ def _epsilon_profile(tmp_path, steps=10):
         _ddim_loop(model, inputs, scheduler, record=trajectory)
     profile = build_profile(model, "tiny-wan", handle.policy.q, trajectory, steps)
     handle.remove()
-    path = profile.save(tmp_path / "omnicache-tiny.json")
+    path = profile.save(tmp_path / "omnicache-trajectory-tiny.json")
     return model, inputs, scheduler, path
 
 
@@ -107,7 +108,7 @@ def test_epsilon_prediction_sampler_with_correction(tmp_path):
     results = {}
     for correction in (False, True):
         handle = ditcache.apply(
-            model, ditcache.OmniCacheConfig(profile=str(path), correction=correction, filtering=False)
+            model, ditcache.OmniCacheTrajectoryConfig(profile=str(path), correction=correction, filtering=False)
         )
         with handle.generation(num_steps=10):
             out = _ddim_loop(model, inputs, scheduler)
@@ -123,13 +124,13 @@ def test_epsilon_prediction_sampler_with_correction(tmp_path):
 
 def test_profile_for_other_steps_or_model_is_a_clear_error(tmp_path):
     model, inputs, scheduler, path = _epsilon_profile(tmp_path)
-    handle = ditcache.apply(model, ditcache.OmniCacheConfig(profile=str(path)))
+    handle = ditcache.apply(model, ditcache.OmniCacheTrajectoryConfig(profile=str(path)))
     scheduler.set_timesteps(8)
     with pytest.raises(ProfileMismatchError, match="calibrated for 10 steps"), handle.generation(num_steps=8):
         _ddim_loop(model, inputs, scheduler)
     handle.remove()
     other = tiny_model("wan", seed=3)
-    handle = ditcache.apply(other, ditcache.OmniCacheConfig(profile=str(path)))
+    handle = ditcache.apply(other, ditcache.OmniCacheTrajectoryConfig(profile=str(path)))
     scheduler.set_timesteps(10)
     with pytest.raises(ProfileMismatchError, match="another model"), handle.generation(num_steps=10):
         _ddim_loop(other, inputs, scheduler)
@@ -143,9 +144,9 @@ def test_profile_for_other_steps_or_model_is_a_clear_error(tmp_path):
 
 def test_unknown_model_has_no_shipped_profile():
     model = tiny_model("flux")
-    handle = ditcache.apply(model, "omnicache-slow")
+    handle = ditcache.apply(model, "omnicache-traj-slow")
     inputs = tiny_inputs("flux")
-    with pytest.raises(ProfileMismatchError, match="calibrate omnicache"), handle.generation(num_steps=5):
+    with pytest.raises(ProfileMismatchError, match="calibrate omnicache-trajectory "), handle.generation(num_steps=5):
         model(timestep=torch.tensor([1.0]), **inputs)
     handle.remove()
 
@@ -161,7 +162,7 @@ def test_unknown_model_has_no_shipped_profile():
 )
 def test_invalid_omnicache_config(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        ditcache.OmniCacheConfig(**kwargs)
+        ditcache.OmniCacheTrajectoryConfig(**kwargs)
 
 
 @pytest.mark.parametrize("name", ["ref-image", "ref-video"])
@@ -170,8 +171,37 @@ def test_shipped_profiles_match_the_shipped_models(name):
     from ditcache.refmodels import RefPipeline
 
     transformer = RefPipeline.from_pretrained(name).transformer
-    for method in ("omnicache", "mixcache"):
-        assert find_profile(method, transformer, 50).model_name == name
+    for method in (omnicache_trajectory.METHOD, mixcache.METHOD):
+        profile = find_profile(method, transformer, 50)
+        assert (profile.method, profile.model_name) == (method, name)
+
+
+def test_profile_globs_do_not_overlap():
+    """`find_profile` globs `<method>-*.json`: no method's glob may pick up another method's files."""
+    from ditcache.calibration.profiles import PROFILE_DIR, Profile
+
+    methods = (omnicache_trajectory.METHOD, mixcache.METHOD)
+    assert omnicache_trajectory.METHOD == "omnicache-trajectory"
+    for method in methods:
+        paths = sorted(PROFILE_DIR.glob(f"{method}-*.json"))
+        assert len(paths) == 2
+        assert {Profile.load(p).method for p in paths} == {method}
+    assert not list(PROFILE_DIR.glob("omnicache-ref-*.json"))  # the old names are gone
+
+
+def test_old_omnicache_names_are_gone():
+    assert "omnicache-slow" not in ditcache.presets() and "omnicache-fast" not in ditcache.presets()
+    assert {"omnicache-traj-slow", "omnicache-traj-fast"} <= set(ditcache.presets())
+    assert not hasattr(ditcache, "OmniCacheConfig")
+
+
+def test_cli_calibrate_old_method_name_names_the_new_one(capsys):
+    from ditcache.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["calibrate", "omnicache"])
+    assert "omnicache-trajectory" in capsys.readouterr().err
+    assert build_parser().parse_args(["calibrate", "omnicache-trajectory"]).method == "omnicache-trajectory"
 
 
 def test_fingerprint_is_stable_across_processes():

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import ditcache
-from ditcache.policies.precisecache import LFCacheController, auto_downsample, low_frequency
+from ditcache.numerics import low_frequency
+from ditcache.policies.precisecache import LFCacheController, auto_downsample
 from ditcache.testing import euler_sample, tiny_inputs, tiny_model
 
 

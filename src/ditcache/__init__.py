@@ -14,7 +14,7 @@ from .engine import CacheHandle, ForwardInfo, Stats
 from .policies import (
     MixCacheConfig,
     NoCacheConfig,
-    OmniCacheConfig,
+    OmniCacheTrajectoryConfig,
     Policy,
     PreciseCacheConfig,
     ReuseScheduleConfig,
@@ -33,7 +33,7 @@ __all__ = [
     "MixCacheConfig",
     "ModelAdapter",
     "NoCacheConfig",
-    "OmniCacheConfig",
+    "OmniCacheTrajectoryConfig",
     "Policy",
     "PolicyConfig",
     "PreciseCacheConfig",

@@ -15,6 +15,17 @@ import torch
 
 from .registry import presets
 
+CALIBRATION_METHODS = ("omnicache-trajectory", "mixcache")
+
+
+def _calibration_method(name: str) -> str:
+    if name == "omnicache":
+        raise argparse.ArgumentTypeError(
+            "'omnicache' was renamed 'omnicache-trajectory' (the name `omnicache` is kept for the hierarchical "
+            f"OmniCache); choose from {', '.join(CALIBRATION_METHODS)}"
+        )
+    return name
+
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from . import apply
@@ -133,12 +144,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .refmodels import RefPipeline
 
     pipe = RefPipeline.from_pretrained(args.model)
-    module = {"omnicache": omnicache, "mixcache": mixcache}[args.method]
+    module = {"omnicache-trajectory": omnicache, "mixcache": mixcache}[args.method]
     profile = module.calibrate(pipe, args.model, steps=args.steps, samples=args.samples, seed=args.seed)
     out = Path(args.out) if args.out else PROFILE_DIR / f"{args.method}-{args.model}-{args.steps}.json"
     profile.save(out)
     data = profile.data
-    if args.method == "omnicache":
+    if args.method == "omnicache-trajectory":
         for speed, steps in data["schedules"].items():
             print(f"{speed}: reuse {len(steps)}/{args.steps} steps: {steps}")
         print("gamma: " + ", ".join(f"{g:.2f}" for g in data["gamma"]))
@@ -251,7 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     an.set_defaults(func=_cmd_analyze)
 
     cal = sub.add_parser("calibrate", help="offline calibration of a method on a reference model (JSON profile)")
-    cal.add_argument("method", choices=("omnicache", "mixcache"))
+    cal.add_argument(
+        "method",
+        type=_calibration_method,
+        choices=CALIBRATION_METHODS,
+        help="omnicache-trajectory (presets omnicache-traj-slow/fast; formerly `omnicache`) or mixcache",
+    )
     cal.add_argument("--model", default="ref-image", choices=("ref-image", "ref-video"))
     cal.add_argument("--steps", type=int, default=50)
     cal.add_argument("--samples", type=int, default=8)

@@ -20,6 +20,7 @@ from scipy import stats as scistats
 from tqdm import tqdm
 
 from .. import PreciseCacheConfig, ReuseScheduleConfig, TeaCacheConfig, apply
+from ..numerics import rel_l1
 
 
 @dataclasses.dataclass
@@ -69,9 +70,7 @@ def step_impact_study(
     run.guidance = guidance  # type: ignore[attr-defined]
     reference = run()
     guided = _guided_outputs(pipe, run)
-    output_rel_l1 = [
-        float((guided[i] - guided[i - 1]).abs().mean() / guided[i - 1].abs().mean()) for i in range(1, steps)
-    ]
+    output_rel_l1 = [rel_l1(guided[i], guided[i - 1]) for i in range(1, steps)]
 
     handle = apply(pipe, PreciseCacheConfig(alpha=1e-9))
     run()

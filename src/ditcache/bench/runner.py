@@ -33,8 +33,8 @@ DEFAULT_POLICIES = (
     "precisecache-flash",
     "mixcache-acc",
     "mixcache-eff",
-    "omnicache-slow",
-    "omnicache-fast",
+    "omnicache-traj-slow",
+    "omnicache-traj-fast",
 )
 
 

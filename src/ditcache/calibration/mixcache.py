@@ -23,8 +23,8 @@ import torch
 
 from ..config import PolicyConfig
 from ..engine.calls import BlockCall, ForwardCall, sample_of
+from ..numerics import rel_l1
 from ..policies.base import Policy
-from ..policies.mixcache import rel_l1
 from ..registry import register_policy
 from .profiles import Profile, model_fingerprint
 

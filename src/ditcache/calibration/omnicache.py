@@ -123,7 +123,7 @@ def build_profile(
         speed: list(select_reuse_steps(step_curvature, fraction, warmup)) for speed, fraction in SPEED_FRACTIONS.items()
     }
     return Profile(
-        method="omnicache",
+        method="omnicache-trajectory",
         model_name=model_name,
         fingerprint=model_fingerprint(model),
         num_steps=steps,

@@ -3,7 +3,7 @@
 from .base import Policy
 from .mixcache import MixCacheConfig, MixCachePolicy
 from .nocache import NoCacheConfig, NoCachePolicy
-from .omnicache_trajectory import OmniCacheConfig, OmniCacheTrajectoryPolicy
+from .omnicache_trajectory import OmniCacheTrajectoryConfig, OmniCacheTrajectoryPolicy
 from .precisecache import PreciseCacheConfig, PreciseCachePolicy
 from .static import ReuseScheduleConfig, ReuseSchedulePolicy, StaticIntervalConfig, StaticIntervalPolicy
 from .teacache import TeaCacheConfig, TeaCachePolicy
@@ -13,7 +13,7 @@ __all__ = [
     "MixCachePolicy",
     "NoCacheConfig",
     "NoCachePolicy",
-    "OmniCacheConfig",
+    "OmniCacheTrajectoryConfig",
     "OmniCacheTrajectoryPolicy",
     "Policy",
     "PreciseCacheConfig",

@@ -32,6 +32,7 @@ import torch
 from ..calibration.profiles import Profile, find_profile
 from ..config import PolicyConfig, check_bool, check_choice, check_int
 from ..engine.calls import BlockCall, ForwardCall, sample_of
+from ..numerics import rel_l1
 from ..registry import register_policy, register_preset
 from .base import Policy, is_finite
 
@@ -39,10 +40,6 @@ METHOD = "mixcache"
 GRANULARITIES = ("step", "cfg", "block")
 BATCHED_CFG = ("none", "uncond-first", "cond-first")
 INTERVALS = {"acc": (4, 3, 2), "eff": (5, 4, 3)}  # N for D_full < delta1, < delta2, >= delta2
-
-
-def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
 
 
 @dataclasses.dataclass(frozen=True)

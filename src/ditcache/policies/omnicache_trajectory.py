@@ -1,6 +1,6 @@
 """OmniCache, trajectory-oriented (paper 002): curvature-scheduled reuse with cache-noise correction.
 
-Calibration (`ditcache calibrate omnicache`, see `calibration/omnicache.py`) measures the sampling
+Calibration (`ditcache calibrate omnicache-trajectory`, see `calibration/omnicache.py`) measures the sampling
 trajectory's curvature in a 3-D projection and picks the reuse steps among the lowest-curvature ones
 (never three in a row), and estimates gamma_t, the correlation of the cache-induced noise between
 consecutive steps. At sampling time:
@@ -24,16 +24,17 @@ import torch
 from ..calibration.profiles import Profile, find_profile
 from ..config import PolicyConfig, check_bool, check_choice, check_float
 from ..engine.calls import ForwardCall, SubmoduleCall, sample_of
-from ..engine.latents import frequency_split, from_5d, to_5d
+from ..engine.latents import from_5d, to_5d
+from ..numerics import frequency_split
 from ..registry import register_policy, register_preset
 from .base import Policy
 
-METHOD = "omnicache"
+METHOD = "omnicache-trajectory"
 SPEEDS = ("slow", "fast")
 
 
 @dataclasses.dataclass(frozen=True)
-class OmniCacheConfig(PolicyConfig):
+class OmniCacheTrajectoryConfig(PolicyConfig):
     speed: str = "slow"  # which schedule of the profile: "slow" (50% of steps reused) or "fast" (60%)
     profile: str | None = None  # path of a profile JSON; None = the shipped profile matching the model
     correction: bool = True  # subtract the estimated cache-induced noise
@@ -51,11 +52,11 @@ class OmniCacheConfig(PolicyConfig):
         check_float("filter_radius", self.filter_radius, 0.0, 1.0, low_open=True)
 
 
-@register_policy(OmniCacheConfig)
+@register_policy(OmniCacheTrajectoryConfig)
 class OmniCacheTrajectoryPolicy(Policy):
     uses_submodule_hooks = True
 
-    def __init__(self, config: OmniCacheConfig, adapter: Any) -> None:
+    def __init__(self, config: OmniCacheTrajectoryConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
         self._given = Profile.load(config.profile) if config.profile else None
         self.profile: Profile | None = None
@@ -124,12 +125,12 @@ class OmniCacheTrajectoryPolicy(Policy):
 
 
 register_preset(
-    "omnicache-slow",
-    lambda: OmniCacheConfig(speed="slow"),
+    "omnicache-traj-slow",
+    lambda: OmniCacheTrajectoryConfig(speed="slow"),
     "OmniCache trajectory: reuse 50% of steps (shipped profile), noise correction + filtering",
 )
 register_preset(
-    "omnicache-fast",
-    lambda: OmniCacheConfig(speed="fast"),
+    "omnicache-traj-fast",
+    lambda: OmniCacheTrajectoryConfig(speed="fast"),
     "OmniCache trajectory: reuse 60% of steps (shipped profile), noise correction + filtering",
 )

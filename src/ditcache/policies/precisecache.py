@@ -26,7 +26,8 @@ import torch
 
 from ..config import PolicyConfig, check_float, check_int
 from ..engine.calls import BlockCall, ForwardCall
-from ..engine.latents import downsample, frequency_masks, from_5d, to_5d
+from ..engine.latents import downsample, from_5d, to_5d
+from ..numerics import low_frequency
 from ..registry import register_policy, register_preset
 from .base import Policy
 from .static import reuse_or_compute
@@ -57,12 +58,6 @@ class PreciseCacheConfig(PolicyConfig):
         check_float("radius", self.radius, 0.0, 1.0, low_open=True)
         check_float("block_cache_ratio", self.block_cache_ratio, 0.0, 0.95)
         check_int("block_cache_steps", self.block_cache_steps, 1)
-
-
-def low_frequency(x5: torch.Tensor, radius: float) -> torch.Tensor:
-    """Centred 2-D spectrum of (B, C, F, H, W) masked to a disc of `radius` x min(H, W)."""
-    spectrum = torch.fft.fftshift(torch.fft.fft2(x5.float(), dim=(-2, -1)), dim=(-2, -1))
-    return spectrum * frequency_masks(x5.shape[-2], x5.shape[-1], radius, x5.device)
 
 
 def auto_downsample(grid: tuple[int, int, int], patch: tuple[int, int, int], video: bool) -> tuple[int, int, int]:

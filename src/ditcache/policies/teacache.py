@@ -17,6 +17,7 @@ import torch
 
 from ..config import PolicyConfig, check_float, check_int
 from ..engine.calls import BlockCall, ForwardCall
+from ..numerics import rel_l1
 from ..registry import register_policy, register_preset
 from .base import Policy, run_and_store_residuals
 
@@ -57,7 +58,7 @@ class TeaCachePolicy(Policy):
         return call.run()
 
     def rel_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
-        value = float((current - previous).abs().mean() / previous.abs().mean().clamp_min(1e-12))
+        value = rel_l1(current, previous)
         if self.config.rescale:
             value = float(sum(c * value**p for p, c in enumerate(reversed(self.config.rescale))))
         return value
