@@ -8,7 +8,16 @@ import torch
 import ditcache
 from ditcache.calibration.mixcache import calibrate, candidate_positions, stabilised_from
 from ditcache.calibration.profiles import Profile, ProfileMismatchError
-from ditcache.policies.mixcache import MixCacheController
+from ditcache.policies.mixcache_controller import (
+    CFG,
+    FULL,
+    STEP,
+    Granularity,
+    MixCacheController,
+    MixCacheProfileData,
+    Phase,
+    block_choice,
+)
 from ditcache.refmodels import RefModel, RefPipeline
 from ditcache.testing import tiny_ref_image_spec
 
@@ -16,16 +25,10 @@ TINY = tiny_ref_image_spec(num_layers=2, num_single_layers=2)
 
 
 def _controller(**kwargs):
-    base = dict(
-        theta=0.1,
-        delta1=0.05,
-        delta2=0.2,
-        impact_step=1.0,
-        impact_cfg=10.0,
-        impact_block={2: [1.0] * 20},
-        intervals=(4, 3, 2),
-        granularities=("step", "cfg", "block"),
+    profile = MixCacheProfileData(
+        theta=0.1, delta1=0.05, delta2=0.2, impact_step=1.0, impact_cfg=10.0, impact_block={2: [1.0] * 20}
     )
+    base = dict(profile=profile, intervals=(4, 3, 2), granularities=frozenset(Granularity))
     return MixCacheController(**{**base, **kwargs})
 
 
@@ -34,21 +37,21 @@ def test_warmup_until_d_step_below_theta_then_interval_and_argmin():
     decisions = []
     d_step_seen = [1.0, 0.5, 0.3, 0.2, 0.08]  # latest D_step known when step s is decided
     for step in range(10):
-        c.d["step"] = d_step_seen[min(step, 4)]
-        c.d.setdefault("cfg", 0.05)  # P_cfg = 0.5
-        c.d["block:2"] = 0.3  # P_block = 0.3; P_step = d_step * 1.0 = 0.08 -> step first
+        c.d[STEP] = d_step_seen[min(step, 4)]
+        c.d.setdefault(CFG, 0.05)  # P_cfg = 0.5
+        c.d[block_choice(2)] = 0.3  # P_block = 0.3; P_step = d_step * 1.0 = 0.08 -> step first
         decisions.append(c.decide(step))
-        if decisions[-1] == "full":
+        if decisions[-1] == FULL:
             c.full_step_done(0.1)  # between delta1 and delta2: N = 3
     # Steps 0-3 warm-up (D_step >= theta until 0.08 is seen at step 4). Then N = 3: cached, cached, full.
     # Penalty alternates: step (lowest P), then block (next lowest), ...
-    assert decisions[:4] == ["full"] * 4
-    assert decisions[4:] == ["step", "block:2", "full", "step", "block:2", "full"]
+    assert decisions[:4] == [FULL] * 4
+    assert [str(d) for d in decisions[4:]] == ["step", "block:2", "full", "step", "block:2", "full"]
 
 
 def test_interval_scaling_and_fixed_interval():
     c = _controller()
-    c.phase = "cache"
+    c.phase = Phase.CACHE
     c.full_step_done(0.01)
     assert c.interval == 4
     c.full_step_done(0.1)
@@ -56,20 +59,20 @@ def test_interval_scaling_and_fixed_interval():
     c.full_step_done(0.5)
     assert c.interval == 2
     fixed = _controller(adaptive_interval=False, fixed_interval=4)
-    fixed.phase = "cache"
+    fixed.phase = Phase.CACHE
     fixed.full_step_done(0.5)
     assert fixed.interval == 4
 
 
 def test_penalty_forbids_the_same_granularity_twice():
     c = _controller(penalty=True)
-    c.d.update({"step": 0.01, "cfg": 1.0})
-    c.last_mode = "step"
-    assert c.choose(5) == "cfg"
+    c.d.update({STEP: 0.01, CFG: 1.0})
+    c.last_choice = STEP
+    assert c.choose(5) == CFG
     c = _controller(penalty=False)
-    c.d.update({"step": 0.01, "cfg": 1.0})
-    c.last_mode = "step"
-    assert c.choose(5) == "step"
+    c.d.update({STEP: 0.01, CFG: 1.0})
+    c.last_choice = STEP
+    assert c.choose(5) == STEP
 
 
 def test_helpers():
@@ -113,7 +116,7 @@ def test_cfg_granularity_skips_the_unconditional_forward(tiny_profile):
     trace = dict(handle.policy.trace)
     stats = handle.stats().last
     handle.remove()
-    cfg_steps = sorted(s for s, mode in trace.items() if mode == "cfg")
+    cfg_steps = sorted(s for s, choice in trace.items() if choice == CFG)
     assert cfg_steps, trace
     # Every cfg step reuses exactly its unconditional forward; the conditional one is computed.
     assert sorted(s for s, b in stats.reused) == cfg_steps and {b for _, b in stats.reused} == {"uncond"}
@@ -128,11 +131,11 @@ def test_block_granularity_skips_the_blocks_up_to_the_candidate(tiny_profile):
     stats = handle.stats().last
     handle.remove()
     forwards = {}
-    for record in handle._engine._records:
+    for record in handle.records():
         forwards.setdefault((record.step, record.branch), record)
-    for step, mode in trace:
-        if mode.startswith("block:"):
-            position = int(mode[6:])
+    for step, choice in trace:
+        if choice.granularity is Granularity.BLOCK:
+            position = choice.block
             cond = forwards[(step, "cond")]
             assert cond.block_fraction == [0.0] * (position + 1) + [1.0] * (4 - position - 1)
             assert forwards[(step, "uncond")].kind == "reused"
@@ -147,7 +150,7 @@ def test_without_cfg_branch_the_cfg_granularity_is_disabled_with_one_warning(tin
         out = pipe([0, 1], num_inference_steps=12, cfg_mode="batched")
         pipe([0, 1], num_inference_steps=12, cfg_mode="batched")
     assert sum("CFG granularity is disabled" in str(w.message) for w in caught) == 1
-    assert all(mode != "cfg" for _, mode in handle.policy.trace)
+    assert all(choice != CFG for _, choice in handle.policy.trace)
     assert torch.isfinite(out).all()
     handle.remove()
 
@@ -162,19 +165,20 @@ def test_batched_cfg_computes_only_the_conditional_half(tiny_profile):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no "CFG granularity is disabled" warning in either mode
             out = pipe([0, 1], num_inference_steps=12, cfg_mode=cfg_mode)
-        runs[cfg_mode] = (out, handle.policy.trace, handle.stats().last, list(handle._engine._records))
+        runs[cfg_mode] = (out, handle.policy.trace, handle.stats().last, handle.records())
         handle.remove()
     (out_s, trace_s, stats_s, _), (out_b, trace_b, stats_b, records_b) = runs["separate"], runs["batched"]
     assert trace_b == trace_s
-    modes = dict(trace_b)
-    assert any(m == "cfg" for m in modes.values()) and any(m.startswith("block:") for m in modes.values())
+    choices = dict(trace_b)
+    halves = {step for step, c in choices.items() if c == CFG or c.granularity is Granularity.BLOCK}
+    assert any(c == CFG for c in choices.values())
+    assert any(c.granularity is Granularity.BLOCK for c in choices.values())
     for record in records_b:
-        half = modes[record.step] == "cfg" or modes[record.step].startswith("block:")
-        if half:
+        if record.step in halves:
             assert dict(record.executed_key)["hidden_states"][0] == 2  # 2 of the 4 rows computed
         else:
             assert record.executed_key is None
-    assert stats_b.partial_batch_forwards == sum(m == "cfg" or m.startswith("block:") for m in modes.values())
+    assert stats_b.partial_batch_forwards == len(halves)
     assert stats_s.partial_batch_forwards == 0
     torch.testing.assert_close(out_b, out_s, atol=1e-4, rtol=1e-4)
     assert stats_b.macs_speedup == pytest.approx(stats_s.macs_speedup, rel=1e-2)

@@ -73,9 +73,9 @@ def test_block_cache_selection_is_by_change():
     inputs = tiny_inputs("wan", frames=4)
     handle = ditcache.apply(model, ditcache.PreciseCacheConfig(alpha=1e-9, block_cache_ratio=0.34))
     euler_sample(model, "wan", inputs, 2)
-    state = handle._engine._states["cond"]
-    smallest = min(state["change"], key=state["change"].get)
-    assert state["skip"] == {smallest}  # round(0.34 * 3) = 1 block
+    state = handle.branch_state("cond")
+    smallest = min(state.change, key=state.change.get)
+    assert state.skip == {smallest}  # round(0.34 * 3) = 1 block
     handle.remove()
 
 

@@ -17,6 +17,7 @@ import torch
 from ..config import PolicyConfig
 from ..engine.calls import ForwardCall, SubmoduleCall, sample_of
 from ..policies.base import Policy
+from ..policies.omnicache_trajectory import SubmoduleCacheState, SubmodulePass, reuse_or_store_submodule
 from ..registry import register_policy
 from .profiles import Profile, model_fingerprint
 from .trajectory import curvature, project_3d, select_reuse_steps
@@ -31,6 +32,7 @@ class OmniCacheCalibrationConfig(PolicyConfig):
 
 @register_policy(OmniCacheCalibrationConfig)
 class OmniCacheCalibrationPolicy(Policy):
+    branch_state = SubmoduleCacheState
     uses_submodule_hooks = True
 
     def reset(self) -> None:
@@ -40,28 +42,20 @@ class OmniCacheCalibrationPolicy(Policy):
         super().__init__(config, adapter)
         self.reset()
 
-    def new_branch_state(self) -> dict[str, Any]:
-        return {"subs": {}, "mode": "compute"}
-
     def forward(self, call: ForwardCall) -> Any:
-        state = call.state
+        state: SubmoduleCacheState = call.state
         approx = None
-        if len(state["subs"]) == len(self.model_view.submodules):
-            state["mode"] = "reuse"
+        if len(state.outputs) == len(self.model_view.submodules):
+            state.submodule_pass = SubmodulePass.REUSE
             approx = sample_of(call.run())
-        state["mode"] = "compute"
+        state.submodule_pass = SubmodulePass.COMPUTE
         output = call.run()
         if approx is not None:
             self.q[(call.info.branch, call.info.step)] = (approx - sample_of(output)).float()
         return output
 
     def submodule(self, call: SubmoduleCall) -> Any:
-        state = call.forward.state
-        if state["mode"] == "reuse":
-            return call.reuse(state["subs"][call.ref.name])
-        output = call.run()
-        state["subs"][call.ref.name] = output
-        return output
+        return reuse_or_store_submodule(call)
 
 
 def noise_gamma(q: dict[tuple[str, int], torch.Tensor], num_steps: int) -> list[float]:

@@ -16,6 +16,7 @@ from .calls import BlockCall, BlockRef, ForwardCall, SubmoduleCall, SubmoduleRef
 from .context import StepTracker
 from .hooks import AttributeOverride, ForwardHook
 from .macs import CostTable, measure_costs
+from .state import BranchState
 from .stats import REUSED, ForwardRecord, GenerationStats, Stats, tensor_bytes
 from .view import ModelView
 
@@ -140,6 +141,15 @@ class Engine:
         finally:
             self._bypass -= 1
 
+    def _new_state(self) -> BranchState:
+        state = self.policy.new_branch_state()
+        if not isinstance(state, BranchState):
+            raise TypeError(
+                f"{type(self.policy).__name__}.new_branch_state() must return a ditcache.BranchState dataclass, "
+                f"got {type(state).__name__}"
+            )
+        return state
+
     def remember_example(self, key: tuple, arguments: dict[str, Any]) -> None:
         if key not in self._examples and key not in self._costs:
             self._examples[key] = {**arguments, "return_dict": False}
@@ -162,7 +172,7 @@ class Engine:
             self._begin_generation(info.generation)
         state = self._states.get(info.branch)
         if state is None:
-            state = self._states[info.branch] = self.policy.new_branch_state()
+            state = self._states[info.branch] = self._new_state()
         key = shape_key(arguments)
         self.remember_example(key, arguments)
         record = ForwardRecord(info.generation, info.step, info.branch, key, len(self.blocks))
@@ -176,7 +186,7 @@ class Engine:
         if not call.finish(output):
             # Never replay NaN / inf: the branch starts over as if new; the policy drops shared state too.
             record.nonfinite = True
-            self._states[info.branch] = self.policy.new_branch_state()
+            state.reset()
             self.policy.on_nonfinite(call)
         record.decide_seconds = max(0.0, time.perf_counter() - start - record.compute_seconds)
         self._records.append(record)
@@ -213,6 +223,14 @@ class Engine:
             with self.bypassed():
                 self._block_costs[key] = measure_costs(lambda: block(*args, **kwargs), block, []).total
         return self._block_costs[key]
+
+    def records(self) -> list[ForwardRecord]:
+        return list(self._records)
+
+    def branch_state(self, branch: str) -> BranchState:
+        if branch not in self._states:
+            raise KeyError(f"no state for branch {branch!r} in this generation; branches: {sorted(self._states)}")
+        return self._states[branch]
 
     def clear_records(self) -> None:
         self._records.clear()

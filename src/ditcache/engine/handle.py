@@ -10,7 +10,8 @@ import torch
 
 from ..config import PolicyConfig
 from .engine import Engine
-from .stats import Stats
+from .state import BranchState
+from .stats import ForwardRecord, Stats
 
 if TYPE_CHECKING:
     from ..policies.base import Policy
@@ -49,6 +50,14 @@ class CacheHandle:
     def stats(self) -> Stats:
         """Statistics of every generation since apply/reset (MACs are measured lazily, here)."""
         return self._engine.stats()
+
+    def records(self) -> list[ForwardRecord]:
+        """Per-forward records since apply/reset (what stats are computed from), oldest first; a copy."""
+        return self._engine.records()
+
+    def branch_state(self, branch: str) -> BranchState:
+        """The policy's state of one branch ("cond", "uncond" or "default") in the current generation."""
+        return self._engine.branch_state(branch)
 
     @contextlib.contextmanager
     def generation(self, num_steps: int | None = None) -> Iterator[CacheHandle]:

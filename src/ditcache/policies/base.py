@@ -10,15 +10,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..adapters import ModelAdapter
 from ..config import PolicyConfig
 from ..engine.calls import BlockCall, ForwardCall, SubmoduleCall
+from ..engine.state import BranchState
 
 if TYPE_CHECKING:
     from ..engine.view import ModelView
 
 
 class Policy:
+    """Base of every method. The engine calls `forward(call)` for each model forward and, when
+    `uses_block_hooks` / `uses_submodule_hooks` are set, `block(call)` / `submodule(call)` inside it; the
+    defaults compute. Per-branch state is an instance of `branch_state` (a `BranchState` dataclass), handed
+    back as `call.state`; cross-branch state lives on the policy and is cleared in `reset()` at the start of
+    every generation. `model_view` (set by `bind`) says what model is cached. Register a policy for its
+    config type with `@ditcache.register_policy(MyConfig)`; see docs/ENGINE.md, "Writing a policy".
+    """
+
+    branch_state: type[BranchState] = BranchState
     uses_block_hooks: bool = False
     uses_submodule_hooks: bool = False  # attention / MLP submodules named by the adapter
 
@@ -34,8 +46,9 @@ class Policy:
     def bind(self, model_view: ModelView) -> None:
         self.model_view = model_view
 
-    def new_branch_state(self) -> Any:
-        return {}
+    def new_branch_state(self) -> BranchState:
+        """A fresh state for one CFG branch (`branch_state`'s defaults)."""
+        return self.branch_state()
 
     def reset(self) -> None:
         """Start of a generation: drop cross-branch state."""
@@ -62,7 +75,11 @@ class Policy:
         return f"{type(self.config).__name__}({fields})"
 
 
-def run_and_store_residuals(call: BlockCall, store: dict[int, dict]) -> Any:
+# Output minus input of one block, per carried tensor (None where the block returns None, SD3's last text).
+Residuals = dict[str, "torch.Tensor | None"]
+
+
+def run_and_store_residuals(call: BlockCall, store: dict[int, Residuals]) -> Any:
     """Compute a block and keep its residuals (output - input, per carried tensor) in `store[position]`
     (checked for NaN / inf by the engine at the end of the forward, like everything stored)."""
     inputs = call.inputs()

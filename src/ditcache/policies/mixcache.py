@@ -25,25 +25,38 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..calibration.profiles import Profile, find_profile
 from ..config import PolicyConfig, check_bool, check_choice, check_int
 from ..engine.calls import BlockCall, ForwardCall, sample_of
+from ..engine.state import BranchState
 from ..numerics import rel_l1
 from ..registry import register_policy, register_preset
-from .base import Policy, is_finite
+from .base import Policy
+from .mixcache_controller import (
+    CFG,
+    FULL,
+    STEP,
+    Choice,
+    Granularity,
+    MixCacheController,
+    MixCacheProfileData,
+    block_choice,
+)
 
 METHOD = "mixcache"
 GRANULARITIES = ("step", "cfg", "block")
 BATCHED_CFG = ("none", "uncond-first", "cond-first")
 INTERVALS = {"acc": (4, 3, 2), "eff": (5, 4, 3)}  # N for D_full < delta1, < delta2, >= delta2
+Outputs = dict[str, "torch.Tensor | None"]
 
 
 @dataclasses.dataclass(frozen=True)
 class MixCacheConfig(PolicyConfig):
+    profile_method: ClassVar[str] = METHOD  # needs a calibration profile of this method
     mode: str = "acc"  # "acc": N in {4, 3, 2}; "eff": N in {5, 4, 3}
     profile: str | None = None  # profile JSON path; None = the shipped profile matching model and steps
     granularities: tuple[str, ...] = GRANULARITIES
@@ -69,73 +82,21 @@ class MixCacheConfig(PolicyConfig):
 
 
 @dataclasses.dataclass
-class MixCacheController:
-    """The step-level decisions of Algorithm 1 from measured D values (no tensors)."""
-
-    theta: float
-    delta1: float
-    delta2: float
-    impact_step: float
-    impact_cfg: float
-    impact_block: dict[int, list[float]]  # block position -> impact per step
-    intervals: tuple[int, int, int]
-    granularities: tuple[str, ...]
-    penalty: bool = True
-    adaptive_interval: bool = True
-    fixed_interval: int = 4
-    phase: str = "warmup"
-    cnt: int = 0
-    interval: int = 0
-    next_mode: str | None = None
-    last_mode: str | None = None
-    d: dict[str, float] = dataclasses.field(default_factory=dict)  # "step", "cfg", "block:<pos>"
-
-    def __post_init__(self) -> None:
-        self.interval = self.intervals[1] if self.adaptive_interval else self.fixed_interval
-
-    def decide(self, step: int) -> str:
-        """ "full", "step", "cfg" or "block:<pos>" for this step."""
-        if self.phase == "warmup":
-            if "step" in self.d and self.d["step"] < self.theta:
-                self.phase = "cache"
-                self.cnt = 0
-                self.next_mode = self.choose(step)
-            else:
-                return "full"
-        self.cnt = (self.cnt + 1) % self.interval
-        if self.cnt == 0 or self.next_mode is None:
-            return "full"
-        mode, self.last_mode = self.next_mode, self.next_mode
-        self.next_mode = self.choose(step + 1)
-        return mode
-
-    def full_step_done(self, d_full: float | None) -> None:
-        """Rescale N after a full computation in the cache-enabled phase (Eq. 6)."""
-        if self.phase != "cache" or d_full is None or not self.adaptive_interval:
-            return
-        low, mid, high = self.intervals
-        self.interval = low if d_full < self.delta1 else mid if d_full < self.delta2 else high
-        self.next_mode = self.choose(None)
-
-    def choose(self, step: int | None) -> str | None:
-        scores = {}
-        for key, value in self.d.items():
-            if key == "step" and "step" in self.granularities:
-                scores["step"] = value * self.impact_step
-            elif key == "cfg" and "cfg" in self.granularities:
-                scores["cfg"] = value * self.impact_cfg
-            elif key.startswith("block:") and "block" in self.granularities:
-                impacts = self.impact_block.get(int(key[6:]))
-                if impacts:
-                    index = min(step if step is not None else len(impacts) - 1, len(impacts) - 1)
-                    scores[key] = value * impacts[index]
-        if self.penalty and self.last_mode in scores and len(scores) > 1:
-            del scores[self.last_mode]
-        return min(scores, key=scores.get) if scores else None
+class MixCacheState(BranchState):
+    output: torch.Tensor | None = None  # last output of this branch (step granularity reuses it)
+    cond: torch.Tensor | None = None  # conditional part of that output, where D_step / D_full are measured
+    cond_step: int | None = None
+    full: torch.Tensor | None = None  # conditional output of the last full step
+    full_step: int | None = None
+    blocks: dict[int, tuple[int, Outputs]] = dataclasses.field(default_factory=dict)  # position -> (step, outputs)
+    choice: Choice = FULL  # what the running pass does (FULL or a block choice)
+    rows: slice | None = None  # batch rows the running pass computes (None = all)
+    cond_rows: slice | None = None  # batched CFG: which rows of a full batch are the conditional half
 
 
 @register_policy(MixCacheConfig)
 class MixCachePolicy(Policy):
+    branch_state = MixCacheState
     uses_block_hooks = True
     couples_cfg_branches = True  # the CFG granularity predicts uncond as cond + cached difference
 
@@ -148,24 +109,11 @@ class MixCachePolicy(Policy):
     def reset(self) -> None:
         self.controller: MixCacheController | None = None
         self.num_steps: int | None = None
-        self.decisions: dict[int, str] = {}
+        self.decisions: dict[int, Choice] = {}
         self.cond_output: dict[int, torch.Tensor] = {}  # step -> cond output (for the uncond branch)
         self.delta_cfg: torch.Tensor | None = None
         self.branches_seen: set[str] = set()
-        self.trace: list[tuple[int, str]] = []
-
-    def new_branch_state(self) -> dict[str, Any]:
-        return {
-            "output": None,  # last output of this branch (step granularity reuses it)
-            "cond": None,  # conditional part of that output, where D_step / D_full are measured
-            "cond_step": None,
-            "full": None,
-            "full_step": None,
-            "blocks": {},  # block position -> (step, conditional outputs of that block)
-            "mode": "full",
-            "rows": None,  # batch rows the running pass computes (None = all)
-            "cond_rows": None,  # batched CFG: which rows of a full batch are the conditional half
-        }
+        self.trace: list[tuple[int, Choice]] = []
 
     def _cond_rows(self, call: ForwardCall) -> slice | None:
         """The conditional half of a batched-CFG forward (None: separate forwards or no CFG)."""
@@ -188,18 +136,13 @@ class MixCachePolicy(Policy):
         if self.controller is not None and self.num_steps == num_steps:
             return
         model = self.model_view.model
-        profile = self._given or find_profile(METHOD, model, num_steps)
-        profile.check(METHOD, model, num_steps)
-        data, config = profile.data, self.config
+        profile = self._given or find_profile(self.config.profile_method, model, num_steps)
+        profile.check(self.config.profile_method, model, num_steps)
+        config = self.config
         self.controller = MixCacheController(
-            theta=data["theta"],
-            delta1=data["delta1"],
-            delta2=data["delta2"],
-            impact_step=data["impact_step"],
-            impact_cfg=data["impact_cfg"],
-            impact_block={int(k): v for k, v in data["impact_block"].items()},
+            profile=MixCacheProfileData.from_dict(profile.data),
             intervals=INTERVALS[config.mode],
-            granularities=config.granularities,
+            granularities=frozenset(Granularity(g) for g in config.granularities),
             penalty=config.penalty,
             adaptive_interval=config.adaptive_interval,
             fixed_interval=config.fixed_interval,
@@ -208,122 +151,127 @@ class MixCachePolicy(Policy):
 
     @property
     def block_positions(self) -> list[int]:
-        return sorted(self.controller.impact_block) if self.controller else []
+        return sorted(self.controller.profile.impact_block) if self.controller else []
 
     # ------------------------------------------------------------------ forward
     def forward(self, call: ForwardCall) -> Any:
         self._prepare(call)
         step, branch, state = call.info.step, call.info.branch, call.state
-        cond_rows = state["cond_rows"] = self._cond_rows(call)
+        cond_rows = state.cond_rows = self._cond_rows(call)
         self.branches_seen.add(branch)
         if step not in self.decisions:
-            no_cfg = cond_rows is None and "uncond" not in self.branches_seen
-            if no_cfg and step > 1 and not self._warned_no_cfg:
-                warnings.warn(
-                    "MixCache: no separate unconditional branch seen; the CFG granularity is disabled (a "
-                    "pipeline that batches uncond and cond in one forward needs batched_cfg='uncond-first' "
-                    "or 'cond-first')",
-                    stacklevel=2,
-                )
-                self._warned_no_cfg = True
-            if self._warned_no_cfg:
-                self.controller.granularities = tuple(g for g in self.controller.granularities if g != "cfg")
+            self._check_cfg_branch(step, cond_rows)
             self.decisions[step] = self.controller.decide(step)
             self.trace.append((step, self.decisions[step]))
-        mode = self.decisions[step]
-        if mode == "step" and state["output"] is not None:
-            return call.reuse(state["output"])
-        if cond_rows is not None and mode != "full" and self.delta_cfg is not None:
-            return self._cond_half_only(call, mode, cond_rows)
-        if branch == "uncond" and mode != "full" and step in self.cond_output and self.delta_cfg is not None:
+        choice = self.decisions[step]
+        if choice == STEP and state.output is not None:
+            return call.reuse(state.output)
+        if cond_rows is not None and choice != FULL and self.delta_cfg is not None:
+            return self._cond_half_only(call, choice, cond_rows)
+        if branch == "uncond" and choice != FULL and step in self.cond_output and self.delta_cfg is not None:
             return call.reuse(self.cond_output[step] + self.delta_cfg)
         # A whole-batch pass of a batched-CFG forward computes every block: its block caches hold cond rows only.
-        state["mode"], state["rows"] = (self._pass_mode(state, mode) if cond_rows is None else "full"), None
+        state.choice, state.rows = (self._pass_choice(state, choice) if cond_rows is None else FULL), None
         output = call.run()
-        sample = sample_of(output)
-        if not is_finite(sample):
-            call.record.nonfinite = True
-            return output
+        sample = call.store(sample_of(output))
         if cond_rows is not None:  # batched CFG, full step: both halves measured from one forward
             cond = sample[cond_rows]
             uncond = torch.cat([sample[: cond_rows.start], sample[cond_rows.stop :]])
-            self._measure(call, cond, mode)
+            self._measure(call, cond, choice)
             self._measure_cfg(cond, uncond)
         elif branch == "uncond":
             if step in self.cond_output:
                 self._measure_cfg(self.cond_output[step], sample)
         else:
-            self._measure(call, sample, mode)
+            self._measure(call, sample, choice)
             if branch == "cond":
                 self.cond_output = {step: sample}
-        state["output"] = sample
+        state.output = sample
         return output
 
-    def _cond_half_only(self, call: ForwardCall, mode: str, cond_rows: slice) -> Any:
-        """CFG or block granularity on a batched-CFG forward: compute the conditional rows only (block mode:
+    def _check_cfg_branch(self, step: int, cond_rows: slice | None) -> None:
+        """Without an unconditional branch (or batched halves) the CFG granularity cannot apply: say so once."""
+        no_cfg = cond_rows is None and "uncond" not in self.branches_seen
+        if no_cfg and step > 1 and not self._warned_no_cfg:
+            warnings.warn(
+                "MixCache: no separate unconditional branch seen; the CFG granularity is disabled (a "
+                "pipeline that batches uncond and cond in one forward needs batched_cfg='uncond-first' "
+                "or 'cond-first')",
+                stacklevel=3,
+            )
+            self._warned_no_cfg = True
+        if self._warned_no_cfg:
+            self.controller.granularities = self.controller.granularities - {Granularity.CFG}
+
+    def _cond_half_only(self, call: ForwardCall, choice: Choice, cond_rows: slice) -> Any:
+        """CFG or block granularity on a batched-CFG forward: compute the conditional rows only (block choice:
         from the cached block output on), the unconditional half is cond + cached difference."""
-        state = call.state
-        state["mode"], state["rows"] = self._pass_mode(state, mode), cond_rows
+        state: MixCacheState = call.state
+        state.choice, state.rows = self._pass_choice(state, choice), cond_rows
         cond = sample_of(call.run_rows(cond_rows))
         uncond = cond + self.delta_cfg
         halves = [uncond, cond] if cond_rows.start else [cond, uncond]
-        sample = torch.cat(halves)
-        if not is_finite(cond):
-            call.record.nonfinite = True
-            return call.wrap(sample)
-        self._measure(call, cond, mode)
-        state["output"] = sample
+        sample = call.store(torch.cat(halves))
+        self._measure(call, cond, choice)
+        state.output = sample
         return call.wrap(sample)
 
     @staticmethod
-    def _pass_mode(state: dict[str, Any], mode: str) -> str:
-        """Block mode needs this branch's cached output of the target block; otherwise compute all blocks."""
-        if mode.startswith("block:") and int(mode[6:]) in state["blocks"]:
-            return mode
-        return "full"
+    def _pass_choice(state: MixCacheState, choice: Choice) -> Choice:
+        """Block reuse needs this branch's cached output of the target block; otherwise compute all blocks."""
+        if choice.granularity is Granularity.BLOCK and choice.block in state.blocks:
+            return choice
+        return FULL
 
-    def _measure(self, call: ForwardCall, cond: torch.Tensor, mode: str) -> None:
+    def _measure(self, call: ForwardCall, cond: torch.Tensor, choice: Choice) -> None:
         """D_step (and D_full after a full step) from the conditional output of this step."""
         step, state, controller = call.info.step, call.state, self.controller
-        if state["cond"] is not None:
-            controller.d["step"] = rel_l1(cond, state["cond"]) / max(1, step - state["cond_step"])
-        if mode == "full":
+        if state.cond is not None:
+            controller.d[STEP] = rel_l1(cond, state.cond) / max(1, step - state.cond_step)
+        if choice == FULL:
             d_full = None
-            if state["full"] is not None:
-                d_full = rel_l1(cond, state["full"]) / max(1, step - state["full_step"])
-            state["full"], state["full_step"] = cond, step
+            if state.full is not None:
+                d_full = rel_l1(cond, state.full) / max(1, step - state.full_step)
+            state.full, state.full_step = cond, step
             controller.full_step_done(d_full)
-        state["cond"], state["cond_step"] = cond, step
+        state.cond, state.cond_step = cond, step
 
     def _measure_cfg(self, cond: torch.Tensor, uncond: torch.Tensor) -> None:
-        self.controller.d["cfg"] = rel_l1(uncond, cond)
+        self.controller.d[CFG] = rel_l1(uncond, cond)
         self.delta_cfg = uncond - cond
 
     # ------------------------------------------------------------------ blocks
     def block(self, call: BlockCall) -> Any:
-        state = call.forward.state
+        state: MixCacheState = call.forward.state
         position = call.ref.position
-        if state["mode"].startswith("block:"):
-            target = int(state["mode"][6:])
-            if position < target:
+        if state.choice.granularity is Granularity.BLOCK:
+            if position < state.choice.block:
                 return call.passthrough()
-            if position == target and position in state["blocks"]:
-                return call.replace(state["blocks"][position][1])
+            if position == state.choice.block and position in state.blocks:
+                return call.replace(state.blocks[position][1])
         output = call.run()
         if position in self.block_positions and call.forward.info.branch != "uncond":
             values = call.outputs_of(output)
-            if state["rows"] is None and state["cond_rows"] is not None:  # keep the conditional half only
-                values = {k: None if v is None else v[state["cond_rows"]] for k, v in values.items()}
-            previous = state["blocks"].get(position)
+            if state.rows is None and state.cond_rows is not None:  # keep the conditional half only
+                values = {k: None if v is None else v[state.cond_rows] for k, v in values.items()}
+            previous = state.blocks.get(position)
             if previous is not None:
                 step, old = previous
                 gap = max(1, call.forward.info.step - step)
-                self.controller.d[f"block:{position}"] = rel_l1(values["hidden_states"], old["hidden_states"]) / gap
-            state["blocks"][position] = (call.forward.info.step, values)
+                self.controller.d[block_choice(position)] = (
+                    rel_l1(values["hidden_states"], old["hidden_states"]) / gap
+                )
+            state.blocks[position] = (call.forward.info.step, call.forward.store(values))
         return output
 
     def cached_tensors(self) -> Any:
         return {"cond": self.cond_output, "delta_cfg": self.delta_cfg}
+
+    def on_nonfinite(self, call: ForwardCall) -> None:
+        # Measurements and the CFG difference may hold NaN now: measure again from the next computed steps.
+        self.cond_output, self.delta_cfg = {}, None
+        if self.controller is not None:
+            self.controller.d.clear()
 
 
 register_preset(

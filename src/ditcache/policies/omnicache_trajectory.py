@@ -17,14 +17,17 @@ consecutive steps. At sampling time:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import enum
+import math
+from typing import Any, ClassVar
 
 import torch
 
-from ..calibration.profiles import Profile, find_profile
+from ..calibration.profiles import Profile, ProfileMismatchError, find_profile
 from ..config import PolicyConfig, check_bool, check_choice, check_float
 from ..engine.calls import ForwardCall, SubmoduleCall, sample_of
 from ..engine.latents import from_5d, to_5d
+from ..engine.state import BranchState
 from ..numerics import frequency_split
 from ..registry import register_policy, register_preset
 from .base import Policy
@@ -35,6 +38,7 @@ SPEEDS = ("slow", "fast")
 
 @dataclasses.dataclass(frozen=True)
 class OmniCacheTrajectoryConfig(PolicyConfig):
+    profile_method: ClassVar[str] = METHOD  # needs a calibration profile of this method
     speed: str = "slow"  # which schedule of the profile: "slow" (50% of steps reused) or "fast" (60%)
     profile: str | None = None  # path of a profile JSON; None = the shipped profile matching the model
     correction: bool = True  # subtract the estimated cache-induced noise
@@ -52,8 +56,59 @@ class OmniCacheTrajectoryConfig(PolicyConfig):
         check_float("filter_radius", self.filter_radius, 0.0, 1.0, low_open=True)
 
 
+class SubmodulePass(enum.Enum):
+    COMPUTE = "compute"  # submodules run and their outputs are cached
+    REUSE = "reuse"  # submodules return the outputs cached at the last computed pass
+
+
+@dataclasses.dataclass
+class SubmoduleCacheState(BranchState):
+    outputs: dict[str, Any] = dataclasses.field(default_factory=dict)  # submodule name -> cached output
+    q: torch.Tensor | None = None  # cache-induced noise measured at the last computed step (chained)
+    submodule_pass: SubmodulePass = SubmodulePass.COMPUTE
+
+
+def reuse_or_store_submodule(call: SubmoduleCall) -> Any:
+    """Shared with calibration: in a reuse pass return the cached output, in a compute pass cache it."""
+    state: SubmoduleCacheState = call.forward.state
+    name = call.ref.name
+    if state.submodule_pass is SubmodulePass.REUSE and name in state.outputs:
+        return call.reuse(state.outputs[name])
+    output = call.run()
+    if state.submodule_pass is SubmodulePass.COMPUTE:
+        state.outputs[name] = call.forward.store(output)
+    return output
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectoryProfileData:
+    """What an OmniCache (trajectory) profile holds, validated against the generation's step count."""
+
+    schedules: dict[str, tuple[int, ...]]  # speed -> reuse steps
+    gamma: list[float]  # noise correlation per step
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], num_steps: int) -> TrajectoryProfileData:
+        schedules, gamma = data.get("schedules"), data.get("gamma")
+        if not isinstance(schedules, dict) or set(SPEEDS) - set(schedules):
+            raise ProfileMismatchError(f"profile schedules must name the speeds {SPEEDS}, got {schedules!r:.80}")
+        for speed, steps in schedules.items():
+            if not isinstance(steps, list) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s < num_steps for s in steps
+            ):
+                raise ProfileMismatchError(f"profile schedule {speed!r} must list step indices in [0, {num_steps})")
+        if (
+            not isinstance(gamma, list)
+            or len(gamma) != num_steps
+            or not all(isinstance(g, (int, float)) and math.isfinite(g) for g in gamma)
+        ):
+            raise ProfileMismatchError(f"profile gamma must be {num_steps} finite numbers")
+        return cls({k: tuple(v) for k, v in schedules.items()}, [float(g) for g in gamma])
+
+
 @register_policy(OmniCacheTrajectoryConfig)
 class OmniCacheTrajectoryPolicy(Policy):
+    branch_state = SubmoduleCacheState
     uses_submodule_hooks = True
 
     def __init__(self, config: OmniCacheTrajectoryConfig, adapter: Any) -> None:
@@ -67,9 +122,6 @@ class OmniCacheTrajectoryPolicy(Policy):
         self.gamma: list[float] = []
         self.num_steps: int | None = None
 
-    def new_branch_state(self) -> dict[str, Any]:
-        return {"subs": {}, "q": None, "mode": "compute"}
-
     def _prepare(self, call: ForwardCall) -> None:
         num_steps = call.info.num_steps
         if num_steps is None:
@@ -77,31 +129,32 @@ class OmniCacheTrajectoryPolicy(Policy):
         if self.num_steps == num_steps:
             return
         model = self.model_view.model
-        profile = self._given or find_profile(METHOD, model, num_steps)
-        profile.check(METHOD, model, num_steps)
+        profile = self._given or find_profile(self.config.profile_method, model, num_steps)
+        profile.check(self.config.profile_method, model, num_steps)
         self.profile = profile
-        self.reuse_steps = frozenset(profile.data["schedules"][self.config.speed])
-        self.gamma = list(profile.data["gamma"])
+        data = TrajectoryProfileData.from_dict(profile.data, num_steps)
+        self.reuse_steps = frozenset(data.schedules[self.config.speed])
+        self.gamma = data.gamma
         self.num_steps = num_steps
 
     def forward(self, call: ForwardCall) -> Any:
         self._prepare(call)
         step, state, config = call.info.step, call.state, self.config
-        have_cache = len(state["subs"]) == len(self.model_view.submodules)
+        have_cache = len(state.outputs) == len(self.model_view.submodules)
         if step in self.reuse_steps and have_cache:
-            state["mode"] = "reuse"
+            state.submodule_pass = SubmodulePass.REUSE
             output = call.run()
-            if not (config.correction and state["q"] is not None):
+            if not (config.correction and state.q is not None):
                 return output
-            state["q"] = self.gamma[step] * state["q"]
-            return call.wrap(sample_of(output) - self._filtered(state["q"], call))
+            state.q = call.store(self.gamma[step] * state.q)
+            return call.wrap(sample_of(output) - self._filtered(state.q, call))
         approx = None
         if config.correction and step + 1 in self.reuse_steps and have_cache:
-            state["mode"] = "reuse"  # cheap pass with cached attention / MLP: measures q at this step
+            state.submodule_pass = SubmodulePass.REUSE  # cheap pass with cached attention / MLP: q at this step
             approx = sample_of(call.run())
-        state["mode"] = "compute"
+        state.submodule_pass = SubmodulePass.COMPUTE
         output = call.run()
-        state["q"] = approx - sample_of(output) if approx is not None else None
+        state.q = call.store(approx - sample_of(output)) if approx is not None else None
         return output
 
     def _filtered(self, q: torch.Tensor, call: ForwardCall) -> torch.Tensor:
@@ -114,14 +167,7 @@ class OmniCacheTrajectoryPolicy(Policy):
         return from_5d(low if early else high, layout)
 
     def submodule(self, call: SubmoduleCall) -> Any:
-        state = call.forward.state
-        name = call.ref.name
-        if state["mode"] == "reuse" and name in state["subs"]:
-            return call.reuse(state["subs"][name])
-        output = call.run()
-        if state["mode"] == "compute":
-            state["subs"][name] = output
-        return output
+        return reuse_or_store_submodule(call)
 
 
 register_preset(

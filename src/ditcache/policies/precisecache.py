@@ -19,6 +19,7 @@ in the next `block_cache_steps` computed steps, then the choice is refreshed.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Any
 
@@ -29,8 +30,8 @@ from ..engine.calls import BlockCall, ForwardCall
 from ..engine.latents import downsample, from_5d, to_5d
 from ..numerics import low_frequency
 from ..registry import register_policy, register_preset
-from .base import Policy
-from .static import reuse_or_compute
+from .base import Policy, Residuals
+from .static import OutputState, reuse_or_compute
 
 PAPER_DOWNSAMPLE_VIDEO = (2, 4, 4)
 PAPER_DOWNSAMPLE_IMAGE = (1, 4, 4)
@@ -82,7 +83,8 @@ class LFCacheController:
     def decide(self, step: int, lfd: float) -> bool:
         """True = reuse the cached prediction at `step`, given its LFD."""
         if step < self.warmup_steps:
-            self.warmup_lfds.append(lfd)
+            if math.isfinite(lfd):  # a NaN / inf trial must not set delta (it would make every step reuse)
+                self.warmup_lfds.append(lfd)
             return False
         if self.delta is None:
             self.delta = self.alpha * max(self.warmup_lfds, default=0.0)
@@ -93,8 +95,23 @@ class LFCacheController:
         return False
 
 
+class BlockPass(enum.Enum):
+    FULL = "full"  # every block runs; residuals and changes are refreshed
+    PARTIAL = "partial"  # the selected blocks are skipped with their cached residuals
+
+
+@dataclasses.dataclass
+class PreciseCacheState(OutputState):
+    residuals: dict[int, Residuals] = dataclasses.field(default_factory=dict)  # block position -> residuals
+    change: dict[int, float] = dataclasses.field(default_factory=dict)  # block position -> ||output - input||
+    skip: set[int] = dataclasses.field(default_factory=set)  # BlockCache: positions skipped in partial passes
+    uses_left: int = 0  # partial passes left before the selection is refreshed
+    block_pass: BlockPass = BlockPass.FULL
+
+
 @register_policy(PreciseCacheConfig)
 class PreciseCachePolicy(Policy):
+    branch_state = PreciseCacheState
     def __init__(self, config: PreciseCacheConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
         self.uses_block_hooks = config.block_cache_ratio > 0
@@ -105,23 +122,21 @@ class PreciseCachePolicy(Policy):
         self.controller = LFCacheController(self.config.alpha, self.config.warmup_steps)
         self.lfd_trace: list[tuple[int, float]] = []  # (step, LFD) for analysis
 
-    def new_branch_state(self) -> dict[str, Any]:
-        return {"output": None, "residuals": {}, "change": {}, "skip": set(), "uses_left": 0, "mode": "full"}
 
     # ------------------------------------------------------------------ LFCache
     def forward(self, call: ForwardCall) -> Any:
         step, state = call.info.step, call.state
         if step not in self.decisions:
             self.decisions[step] = self._decide(call)
-        if self.decisions[step] and state["output"] is not None:
-            return call.reuse(state["output"])
+        if self.decisions[step] and state.output is not None:
+            return call.reuse(state.output)
         self._plan_blocks(state)
         output = reuse_or_compute(call, reuse=False)
         self._after_blocks(state)
         return output
 
     def _decide(self, call: ForwardCall) -> bool:
-        cached = call.state["output"]
+        cached = call.state.output
         if cached is None:
             return False
         lfd = self.trial_lfd(call, cached)
@@ -158,34 +173,34 @@ class PreciseCachePolicy(Policy):
         return value if math.isfinite(value) else float("inf")  # non-finite trial: compute the step
 
     # ------------------------------------------------------------------ BlockCache
-    def _plan_blocks(self, state: dict[str, Any]) -> None:
+    def _plan_blocks(self, state: PreciseCacheState) -> None:
         if not self.uses_block_hooks:
             return
-        if state["skip"] and state["uses_left"] > 0:
-            state["mode"] = "partial"
-            state["uses_left"] -= 1
+        if state.skip and state.uses_left > 0:
+            state.block_pass = BlockPass.PARTIAL
+            state.uses_left -= 1
         else:
-            state["mode"] = "full"
+            state.block_pass = BlockPass.FULL
 
-    def _after_blocks(self, state: dict[str, Any]) -> None:
-        if not self.uses_block_hooks or state["mode"] != "full" or not state["change"]:
+    def _after_blocks(self, state: PreciseCacheState) -> None:
+        if not self.uses_block_hooks or state.block_pass is not BlockPass.FULL or not state.change:
             return
-        count = int(round(self.config.block_cache_ratio * len(self.model_view.blocks)))
-        ranked = sorted(state["change"], key=state["change"].get)
-        state["skip"] = set(ranked[:count])
-        state["uses_left"] = self.config.block_cache_steps
+        count = int(round(self.config.block_cache_ratio * self.model_view.num_blocks))
+        ranked = sorted(state.change, key=state.change.get)
+        state.skip = set(ranked[:count])
+        state.uses_left = self.config.block_cache_steps
 
     def block(self, call: BlockCall) -> Any:
-        state = call.forward.state
+        state: PreciseCacheState = call.forward.state
         position = call.ref.position
-        if state["mode"] == "partial" and position in state["skip"] and position in state["residuals"]:
-            return call.skip(state["residuals"][position])
+        if state.block_pass is BlockPass.PARTIAL and position in state.skip and position in state.residuals:
+            return call.skip(state.residuals[position])
         inputs = call.inputs()
         output = call.run()
-        if state["mode"] == "full":
-            residuals = call.residuals(inputs, call.outputs_of(output))
-            state["residuals"][position] = residuals
-            state["change"][position] = math.sqrt(
+        if state.block_pass is BlockPass.FULL:
+            residuals = call.forward.store(call.residuals(inputs, call.outputs_of(output)))
+            state.residuals[position] = residuals
+            state.change[position] = math.sqrt(
                 sum(float(r.float().pow(2).sum()) for r in residuals.values() if r is not None)
             )
         return output

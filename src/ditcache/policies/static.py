@@ -12,10 +12,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from ..config import PolicyConfig, check_choice, check_int
 from ..engine.calls import BlockCall, ForwardCall, sample_of
+from ..engine.state import BranchState
 from ..registry import register_policy, register_preset
-from .base import Policy, run_and_store_residuals
+from .base import Policy, Residuals, run_and_store_residuals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,49 +58,58 @@ class ReuseScheduleConfig(PolicyConfig):
             check_int("reuse_steps[...]", step, 1)
 
 
+@dataclasses.dataclass
+class OutputState(BranchState):
+    output: torch.Tensor | None = None  # this branch's last computed model output
+
+
 @register_policy(ReuseScheduleConfig)
 class ReuseSchedulePolicy(Policy):
-    def new_branch_state(self) -> dict[str, Any]:
-        return {"output": None}
+    branch_state = OutputState
 
     def forward(self, call: ForwardCall) -> Any:
         return reuse_or_compute(call, call.info.step in self.config.reuse_steps)
 
 
 def reuse_or_compute(call: ForwardCall, reuse: bool) -> Any:
-    """Shared by output-reusing policies: reuse `call.state["output"]` or compute and cache it."""
-    state = call.state
-    if reuse and state["output"] is not None:
-        return call.reuse(state["output"])
+    """Shared by output-reusing policies: reuse `call.state.output` or compute and cache it."""
+    state: OutputState = call.state
+    if reuse and state.output is not None:
+        return call.reuse(state.output)
     output = call.run()
-    state["output"] = call.store(sample_of(output))
+    state.output = call.store(sample_of(output))
     return output
+
+
+@dataclasses.dataclass
+class StaticState(OutputState):
+    residuals: dict[int, Residuals] = dataclasses.field(default_factory=dict)  # block position -> residuals
+    reusing: bool = False  # the running forward skips every block
 
 
 @register_policy(StaticIntervalConfig)
 class StaticIntervalPolicy(Policy):
+    branch_state = StaticState
+
     def __init__(self, config: StaticIntervalConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
         self.uses_block_hooks = config.reuse == "blocks"
 
-    def new_branch_state(self) -> dict[str, Any]:
-        return {"output": None, "residuals": {}, "reusing": False}
-
     def forward(self, call: ForwardCall) -> Any:
         config: StaticIntervalConfig = self.config
-        state = call.state
+        state: StaticState = call.state
         compute = config.computes(call.info.step, call.info.num_steps)
         if config.reuse == "output":
             return reuse_or_compute(call, not compute)
         # Block residual reuse: blocks decide from this flag; residuals must exist for every block.
-        state["reusing"] = not compute and len(state["residuals"]) == len(self.model_view.blocks)
+        state.reusing = not compute and len(state.residuals) == self.model_view.num_blocks
         return call.run()
 
     def block(self, call: BlockCall) -> Any:
-        state = call.forward.state
-        if state["reusing"]:
-            return call.skip(state["residuals"][call.ref.position])
-        return run_and_store_residuals(call, state["residuals"])
+        state: StaticState = call.forward.state
+        if state.reusing:
+            return call.skip(state.residuals[call.ref.position])
+        return run_and_store_residuals(call, state.residuals)
 
 
 for _n in (2, 3, 4):

@@ -17,9 +17,10 @@ import torch
 
 from ..config import PolicyConfig, check_float, check_int
 from ..engine.calls import BlockCall, ForwardCall
+from ..engine.state import BranchState
 from ..numerics import rel_l1
 from ..registry import register_policy, register_preset
-from .base import Policy, run_and_store_residuals
+from .base import Policy, Residuals, run_and_store_residuals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +38,17 @@ class TeaCacheConfig(PolicyConfig):
             raise ValueError(f"rescale must be a tuple of numbers, got {self.rescale!r}")
 
 
+@dataclasses.dataclass
+class TeaCacheState(BranchState):
+    previous: torch.Tensor | None = None  # modulated input of the first block at the last forward
+    accumulated: float = 0.0  # rel-L1 summed since the last computed forward
+    residuals: dict[int, Residuals] = dataclasses.field(default_factory=dict)  # block position -> residuals
+    skip: bool = False  # the running forward skips every block
+
+
 @register_policy(TeaCacheConfig)
 class TeaCachePolicy(Policy):
+    branch_state = TeaCacheState
     uses_block_hooks = True
 
     def __init__(self, config: TeaCacheConfig, adapter: Any) -> None:
@@ -50,11 +60,8 @@ class TeaCachePolicy(Policy):
     def reset(self) -> None:
         self.trace: list[tuple[int, str, float]] = []  # (step, branch, rel-L1) for analysis
 
-    def new_branch_state(self) -> dict[str, Any]:
-        return {"previous": None, "accumulated": 0.0, "residuals": {}, "skip": False}
-
     def forward(self, call: ForwardCall) -> Any:
-        call.state["skip"] = False
+        call.state.skip = False
         return call.run()
 
     def rel_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
@@ -64,21 +71,21 @@ class TeaCachePolicy(Policy):
         return value
 
     def block(self, call: BlockCall) -> Any:
-        state = call.forward.state
+        state: TeaCacheState = call.forward.state
         if call.ref.position == 0:
-            modulated = self.adapter.modulated_input(call.ref.module, call._args, call._kwargs).detach()
-            previous, state["previous"] = state["previous"], modulated
-            complete = len(state["residuals"]) == len(self.model_view.blocks)
+            modulated = self.adapter.modulated_input(call.ref.module, call.arguments).detach()
+            previous, state.previous = state.previous, call.forward.store(modulated)
+            complete = len(state.residuals) == self.model_view.num_blocks
             if previous is not None:
                 self.trace.append((call.info.step, call.info.branch, self.rel_l1(modulated, previous)))
             if previous is not None and complete and call.info.step >= self.config.warmup_steps:
-                state["accumulated"] += self.trace[-1][2]
-                state["skip"] = state["accumulated"] < self.config.threshold
-            if not state["skip"]:
-                state["accumulated"] = 0.0
-        if state["skip"]:
-            return call.skip(state["residuals"][call.ref.position])
-        return run_and_store_residuals(call, state["residuals"])
+                state.accumulated += self.trace[-1][2]
+                state.skip = state.accumulated < self.config.threshold
+            if not state.skip:
+                state.accumulated = 0.0
+        if state.skip:
+            return call.skip(state.residuals[call.ref.position])
+        return run_and_store_residuals(call, state.residuals)
 
 
 for _t in (0.05, 0.1, 0.2, 0.3):
