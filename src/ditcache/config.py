@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclasses.dataclass(frozen=True)
 class PolicyConfig:
     """Base of every policy config. Subclasses must be frozen dataclasses."""
+
+    # The calibration profile method a config needs ("mixcache", ...), None when it needs none. Policies look
+    # their profile up by it; tests write tiny profiles for it (`ditcache.testing.TINY_PROFILE_MAKERS`).
+    profile_method: ClassVar[str | None] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"policy": type(self).__name__, **dataclasses.asdict(self)}

@@ -7,12 +7,15 @@ milliseconds on a CPU.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
 
 from .adapters.flux import flux_image_ids
+from .calibration.profiles import Profile, model_fingerprint
 
 TINY_MODELS = ("flux", "sd3", "wan")
 
@@ -149,3 +152,91 @@ def tiny_ref_image_spec(num_layers: int = 1, num_single_layers: int = 1) -> Any:
         axes_dims_rope=(2, 2, 4),
     )
     return dataclasses.replace(REF_IMAGE, transformer=transformer)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny calibration profiles: synthetic but valid profiles for the tiny models, so that every calibrated preset
+# can run (and reuse) in tests without a calibration run. Keyed by profile method (`PolicyConfig.profile_method`);
+# a new calibrated method registers its maker here and the contract suite (tests/test_contract.py) picks it up.
+
+
+def _num_blocks(model: torch.nn.Module) -> int:
+    from .adapters import adapter_for
+
+    return sum(len(getattr(model, spec.attr)) for spec in adapter_for(model).block_lists)
+
+
+def tiny_mixcache_profile(model: torch.nn.Module, num_steps: int) -> Profile:
+    """MixCache: theta / delta1 / delta2 far above any rel-L1 a tiny model produces, so the warm-up ends as
+    soon as D_step is measured (the cache-enabled phase starts at step 2) and the interval is the longest
+    (N = 4 for "acc", 5 for "eff"). The step granularity has the lowest impact, so it comes first and the
+    penalty alternates it with CFG or block reuse (whichever the measured D values favour: with these impacts
+    the tiny flux, sd3 and wan models use all three in 6-8 steps). Block impacts exist for the candidate
+    positions calibration would use."""
+    from .calibration.mixcache import DEFAULT_CANDIDATES, candidate_positions
+
+    positions = candidate_positions(_num_blocks(model), DEFAULT_CANDIDATES)
+    return Profile(
+        method="mixcache",
+        model_name=f"tiny-{type(model).__name__}",
+        fingerprint=model_fingerprint(model),
+        num_steps=num_steps,
+        data={
+            "synthetic": True,
+            "warmup_steps": 2,
+            "theta": 1e3,
+            "delta1": 1e3,
+            "delta2": 1e3,
+            "mu_sigma": {"step": [0.0, 0.0], "cfg": [0.0, 0.0], "block": {str(p): [0.0, 0.0] for p in positions}},
+            "impact_step": 0.01,
+            "impact_cfg": 1.0,
+            "impact_block": {str(p): [0.5] * num_steps for p in positions},
+            "block_candidates": list(DEFAULT_CANDIDATES),
+        },
+    )
+
+
+def tiny_omnicache_trajectory_profile(model: torch.nn.Module, num_steps: int) -> Profile:
+    """OmniCache (trajectory): after 2 warm-up steps, "slow" reuses every other step and "fast" two steps in
+    every three (never three in a row); gamma 0.5 wherever a previous step exists."""
+    warmup = 2
+    later = range(warmup, num_steps)
+    schedules = {
+        "slow": [s for s in later if (s - warmup) % 2 == 0],
+        "fast": [s for s in later if (s - warmup) % 3 != 2],
+    }
+    return Profile(
+        method="omnicache-trajectory",
+        model_name=f"tiny-{type(model).__name__}",
+        fingerprint=model_fingerprint(model),
+        num_steps=num_steps,
+        data={
+            "synthetic": True,
+            "curvature": [None] * num_steps,
+            "gamma": [0.0] + [0.5] * (num_steps - 1),
+            "schedules": schedules,
+            "fractions": {speed: len(steps) / num_steps for speed, steps in schedules.items()},
+        },
+    )
+
+
+TINY_PROFILE_MAKERS: dict[str, Callable[[torch.nn.Module, int], Profile]] = {
+    "mixcache": tiny_mixcache_profile,
+    "omnicache-trajectory": tiny_omnicache_trajectory_profile,
+}
+
+
+def write_tiny_profiles(
+    directory: str | Path, model: torch.nn.Module, step_counts: Iterable[int], methods: Iterable[str] | None = None
+) -> list[Path]:
+    """Save the tiny profile of every registered method (or of `methods`) for `model` at each step count as
+    `<method>-tiny-<fingerprint>-<steps>.json` in `directory`: point $DITCACHE_PROFILE_DIR there and the
+    calibrated presets find them."""
+    directory = Path(directory)
+    fingerprint = model_fingerprint(model)
+    paths = []
+    for method in methods if methods is not None else TINY_PROFILE_MAKERS:
+        maker = TINY_PROFILE_MAKERS[method]
+        for steps in step_counts:
+            paths.append(maker(model, steps).save(directory / f"{method}-tiny-{fingerprint}-{steps}.json"))
+    return paths

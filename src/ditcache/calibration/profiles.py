@@ -2,7 +2,7 @@
 
 The model identity is a fingerprint of the class, its config and a sample of its weights, so a profile
 made for another model (or another checkpoint of the same architecture) is refused with a clear error.
-Profiles are never pickled.
+Profiles are never pickled. `find_profile` looks in $DITCACHE_PROFILE_DIR (when set), then in the shipped ones.
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
+PROFILE_DIR_ENV = "DITCACHE_PROFILE_DIR"  # a directory searched before the shipped profiles
 
 
 class ProfileMismatchError(ValueError):
@@ -87,17 +89,36 @@ class Profile:
             )
 
 
-def find_profile(method: str, model: torch.nn.Module, num_steps: int, directory: Path = PROFILE_DIR) -> Profile:
-    """The shipped profile of `method` made for this very model (fingerprint) and step count."""
+def profile_dirs() -> list[Path]:
+    """Where `find_profile` looks, in order: the directory named by $DITCACHE_PROFILE_DIR (when set), then the
+    profiles shipped with the package."""
+    dirs = []
+    extra = os.environ.get(PROFILE_DIR_ENV, "").strip()
+    if extra:
+        dirs.append(Path(extra).expanduser())
+    dirs.append(PROFILE_DIR)
+    return dirs
+
+
+def find_profile(method: str, model: torch.nn.Module, num_steps: int, directory: str | Path | None = None) -> Profile:
+    """The profile of `method` made for this very model (fingerprint) and step count, from `directory` or, by
+    default, from `profile_dirs()` ($DITCACHE_PROFILE_DIR first, then the shipped profiles); first match wins."""
     fingerprint = model_fingerprint(model)
-    shipped = []
-    for path in sorted(Path(directory).glob(f"{method}-*.json")):
-        profile = Profile.load(path)
-        shipped.append(f"{profile.model_name}@{profile.num_steps}")
-        if profile.fingerprint == fingerprint and profile.num_steps == num_steps:
-            return profile
+    dirs = [Path(directory)] if directory is not None else profile_dirs()
+    searched = []
+    for folder in dirs:
+        found = []
+        for path in sorted(folder.glob(f"{method}-*.json")):
+            profile = Profile.load(path)
+            if profile.method != method:  # "omnicache-*.json" also matches another method's files
+                continue
+            found.append(f"{profile.model_name}@{profile.num_steps}")
+            if profile.fingerprint == fingerprint and profile.num_steps == num_steps:
+                return profile
+        what = ", ".join(found) if found else ("none" if folder.is_dir() else "no such directory")
+        searched.append(f"{folder} ({what})")
     raise ProfileMismatchError(
         f"no {method} profile for this {type(model).__name__} (fingerprint {fingerprint}) at {num_steps} steps; "
-        f"shipped: {', '.join(shipped) or 'none'}. Calibrate with `ditcache calibrate {method} --model ... "
-        f"--steps {num_steps}` and pass profile=<path>"
+        f"searched: {'; '.join(searched)}. Calibrate with `ditcache calibrate {method} --model ... "
+        f"--steps {num_steps}` and pass profile=<path>, or save it in ${PROFILE_DIR_ENV}"
     )
