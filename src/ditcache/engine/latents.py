@@ -50,18 +50,3 @@ def downsample(x5: torch.Tensor, factors: tuple[int, int, int]) -> torch.Tensor:
     if factors == (1, 1, 1):
         return x5
     return F.avg_pool3d(x5, kernel_size=factors, stride=factors)
-
-
-def frequency_masks(h: int, w: int, radius: float, device: torch.device | None = None) -> torch.Tensor:
-    """Boolean (H, W) disc of `radius` x min(H, W) around the centre of a shifted 2-D spectrum."""
-    rows = torch.arange(h, device=device).view(-1, 1) - h // 2
-    cols = torch.arange(w, device=device).view(1, -1) - w // 2
-    return (rows**2 + cols**2).float().sqrt() <= radius * min(h, w)
-
-
-def frequency_split(x5: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(low-pass, high-pass) parts of a real (B, C, F, H, W) tensor over H, W; they sum to `x5`."""
-    spectrum = torch.fft.fftshift(torch.fft.fft2(x5.float(), dim=(-2, -1)), dim=(-2, -1))
-    mask = frequency_masks(x5.shape[-2], x5.shape[-1], radius, x5.device)
-    low = torch.fft.ifft2(torch.fft.ifftshift(spectrum * mask, dim=(-2, -1)), dim=(-2, -1)).real.to(x5.dtype)
-    return low, x5 - low
