@@ -50,6 +50,15 @@ class BoundCall:
                 values[name] = value
         return MappingProxyType(values)
 
+    def get(self, name: str) -> Any:
+        """One argument by name without building the whole mapping (None when absent)."""
+        if name in self._bound.arguments and name != self._var_keyword:
+            return self._bound.arguments[name]
+        if self._var_keyword is not None and name in self._bound.arguments.get(self._var_keyword, {}):
+            return self._bound.arguments[self._var_keyword][name]
+        parameter = self.signature.parameters.get(name)
+        return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
     @property
     def passed(self) -> dict[str, Any]:
         """The arguments actually passed (no defaults), flat: what a keyword-only call needs."""

@@ -57,14 +57,21 @@ def all_finite(tensors: list[torch.Tensor]) -> bool:
 class ForwardCall:
     """One call of the model's forward, as a policy sees it.
 
-    Verbs: `run()` computes the step (block hooks active); `run_rows(rows)` computes part of the batch;
-    `run_trial(**overrides)` runs an extra uncached forward the policy does not see; `reuse(sample)` returns
-    a cached or corrected output instead of computing. Every tensor a policy puts into a cache goes through
-    `store(value)`: the engine checks all of them (and the output) for NaN / inf once at the end of the
-    forward, and a non-finite forward resets the branch's state instead of being replayed later.
+    Verbs: `run()` computes the step (block hooks active; may be called more than once, each pass counted);
+    `run_rows(rows)` computes part of the batch; `run_trial(**overrides)` runs an extra uncached forward the
+    policy does not see and returns its predicted tensor; `reuse(sample)` returns a cached or corrected
+    output instead of computing (the forward counts as reused); `wrap(sample)` builds the model's output
+    type around a tensor without marking the forward reused (e.g. a computed output with a correction
+    subtracted). Every tensor a policy puts into a cache goes through `store(value)`: the engine checks all
+    of them (and the output) for NaN / inf once at the end of the forward (`finish(output)`, called by the
+    engine, not by policies), and a non-finite forward resets the branch's state instead of being replayed
+    later.
 
-    Read: `info` (generation, step, branch), `arguments` (every model argument by name), `hidden_states`,
-    `state` (this branch's policy state), `record` (what stats will count).
+    Read: `info` (a `ForwardInfo`: generation, step, num_steps, timestep, branch), `arguments` (every model
+    argument by name), `hidden_states`, `state` (this branch's policy state), `record` (the `ForwardRecord`
+    stats will count).
+    `engine` is the engine itself, for ditcache internals only: policies read the model through
+    `Policy.model_view`.
     """
 
     def __init__(
@@ -184,14 +191,26 @@ class BlockCall:
     `arguments` holds every block argument by name (bound to the block's forward signature once per class);
     `inputs()` the carried tensors the adapter names. Verbs: `run()`; `run_tokens(index, base)` computes only
     some image/video tokens and fills the rest from `base`; `skip(residuals)` = input + cached residual;
-    `replace(values)` returns cached outputs; `passthrough()` hands the inputs on.
+    `replace(values)` returns cached outputs; `passthrough()` hands the inputs on; `call_with(replacements)`
+    calls the block's own forward with some arguments replaced, without any accounting.
+
+    Read: `forward` (the enclosing `ForwardCall`; its `state` is this branch's policy state), `ref` (a
+    `BlockRef`: the block list spec, `index` in its list, `position` over all hooked blocks in execution
+    order, `name`, `module`), `info` (= `forward.info`), `num_tokens` (image/video tokens per sample).
+    Helpers: `outputs_of(output)` names the block's outputs as a dict (the adapter's output names);
+    `build_output(values)` is the inverse; `residuals(inputs, outputs)` = output - input per carried tensor
+    (None stays None), what `skip` adds back.
     """
 
     def __init__(self, forward: ForwardCall, ref: BlockRef, original: Callable, args: tuple, kwargs: dict) -> None:
         self.forward, self.ref = forward, ref
         self._original = original
         self._bound = BoundCall(type(ref.module), args, kwargs)
-        self.arguments: Mapping[str, Any] = self._bound.arguments
+
+    @property
+    def arguments(self) -> Mapping[str, Any]:
+        """Every block argument by name (defaults included), built on first use."""
+        return self._bound.arguments
 
     @property
     def info(self) -> ForwardInfo:
@@ -200,10 +219,11 @@ class BlockCall:
     @property
     def num_tokens(self) -> int:
         """Image/video tokens per sample in this block's token stream."""
-        return self.arguments[self.ref.spec.token_stream].shape[1]
+        stream = self._bound.get(self.ref.spec.token_stream)
+        return stream.shape[1] if isinstance(stream, torch.Tensor) and stream.ndim >= 2 else 1
 
     def inputs(self) -> dict[str, torch.Tensor]:
-        return {name: self.arguments[name] for name in self.ref.spec.inputs}
+        return {name: self._bound.get(name) for name in self.ref.spec.inputs}
 
     def outputs_of(self, output: Any) -> dict[str, torch.Tensor | None]:
         names = self.ref.spec.outputs
