@@ -22,8 +22,9 @@ def _query_projections(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _sample_with_one_nan_forward(model, family, handle, nan_step):
-    """Euler + CFG; the cond forward of `nan_step` computes NaN where it runs a block. Like a sampler that retries a failed step,
-    a non-finite guided prediction leaves the latent unchanged, so later forwards get finite inputs."""
+    """Euler + CFG; the cond forward of `nan_step` computes NaN where it runs a block. Like a sampler that
+    retries a failed step, a non-finite guided prediction leaves the latent unchanged, so later forwards get
+    finite inputs."""
     inputs = tiny_inputs(family)
     cond = {k: v for k, v in inputs.items() if k != "hidden_states"}
     uncond = uncond_inputs(inputs)
