@@ -27,12 +27,58 @@ def _resolve_target(target: Any) -> tuple[torch.nn.Module, Any]:
 
 
 def apply(target: Any, config: PolicyConfig | str) -> CacheHandle:
-    """Attach the policy described by `config` to `target`: a config object, a preset name, or a preset
-    name with overrides ("precisecache-base:alpha=0.9").
+    r"""
+    Attach the caching policy described by `config` to a diffusers transformer.
 
-    Returns a handle with `remove()`, `reset()` and `stats()`. Raises `RuntimeError` if the model already
-    has ditcache applied, `TypeError` for an unsupported model (the message lists supported classes and
-    shows how to register an adapter).
+    Hooks are set on the model instance only (never on its class) and `handle.remove()` restores it exactly.
+
+    Args:
+        target (`torch.nn.Module` or a pipeline):
+            A diffusers transformer of a supported class (`ditcache.supported_models()`, or one registered
+            with `ditcache.register_adapter`), or a pipeline holding one as `.transformer`; a pipeline's
+            `.scheduler` then gives the number of steps of each generation.
+        config (`PolicyConfig` or `str`):
+            A config object (`ditcache.TeaCacheConfig(threshold=0.2)`), a preset name (`"fora-3"`, see
+            `ditcache.presets()`), or a preset name with overrides, `"name:key=value:key=value"` (values are
+            Python literals, e.g. `"precisecache-base:alpha=0.9:warmup_steps=4"`), parsed by
+            `ditcache.parse_policy`.
+
+    Returns:
+        `CacheHandle`: `remove()`, `reset()`, `stats()`, `records()`, `policy`, `branch_state(name)`, and
+        `generation(num_steps=...)` / `branch(name)` for hand-written sampling loops.
+
+    Raises:
+        ValueError: an unknown preset name, a malformed override, or a config value out of range (the
+            message names the field and the allowed values).
+        TypeError: `config` is neither a config nor a string, its config type has no registered policy,
+            `target` is neither a module nor a pipeline with a `.transformer`, the model class is not
+            supported (the message lists supported classes and shows how to register an adapter), or the
+            policy needs something the model's adapter lacks.
+        RuntimeError: ditcache is already applied to this model (call `handle.remove()` first).
+
+    Calibrated policies (MixCache, OmniCache trajectory) load a `profile=` path here, but look up and check
+    their profile at the first forward, when the step count is known: a profile made for another model or
+    step count raises `ProfileMismatchError` (a `ValueError`) there.
+
+    Example:
+        >>> import ditcache
+        >>> from ditcache.testing import euler_sample, tiny_inputs, tiny_model
+        >>> model = tiny_model("flux")
+        >>> handle = ditcache.apply(model, "static-2:warmup_steps=1")
+        >>> handle.config
+        StaticIntervalConfig(interval=2, warmup_steps=1, cooldown_steps=0, reuse='output')
+        >>> _ = euler_sample(model, "flux", tiny_inputs("flux"), steps=4, handle=handle)
+        >>> [record.step for record in handle.records() if record.kind == "reused"]
+        [2]
+        >>> ditcache.apply(model, "none")
+        Traceback (most recent call last):
+        ...
+        RuntimeError: ditcache is already applied to this FluxTransformer2DModel; call handle.remove() first
+        >>> handle.remove()
+        >>> ditcache.apply(model, "fora-3:interval=0")
+        Traceback (most recent call last):
+        ...
+        ValueError: interval must be in [1, 100], got 0
     """
     if isinstance(config, str):
         config = parse_policy(config)

@@ -24,10 +24,52 @@ if TYPE_CHECKING:
 class Policy:
     """Base of every method. The engine calls `forward(call)` for each model forward and, when
     `uses_block_hooks` / `uses_submodule_hooks` are set, `block(call)` / `submodule(call)` inside it; the
-    defaults compute. Per-branch state is an instance of `branch_state` (a `BranchState` dataclass), handed
-    back as `call.state`; cross-branch state lives on the policy and is cleared in `reset()` at the start of
-    every generation. `model_view` (set by `bind`) says what model is cached. Register a policy for its
-    config type with `@ditcache.register_policy(MyConfig)`; see docs/ENGINE.md, "Writing a policy".
+    defaults compute. Per-branch state is an instance of `branch_state` (a `BranchState` dataclass), made by
+    `new_branch_state()` and handed back as `call.state`; cross-branch state lives on the policy and is
+    cleared in `reset()` at the start of every generation. `model_view` (set by `bind`) says what model is
+    cached. Register a policy for its config type with `@ditcache.register_policy(MyConfig)`; see
+    docs/ENGINE.md, "Writing a policy".
+
+    Class attributes (a policy may set them in `__init__` from its config): `branch_state`;
+    `uses_block_hooks`, `uses_submodule_hooks` (attention / MLP submodules named by the adapter), read once
+    when `apply` installs the engine; `couples_cfg_branches`, a declaration (True only where one CFG branch
+    may use the other's outputs, as MixCache's CFG granularity does) that the contract tests rely on.
+
+    Instance attributes: `config` (the frozen config), `adapter` (the model's `ModelAdapter`), `model_view`.
+
+    Hooks to override: `forward(call: ForwardCall)`, `block(call: BlockCall)`, `submodule(call:
+    SubmoduleCall)` (each returns what the hooked module returns); `reset()`; `on_nonfinite(call)` (a
+    forward produced or stored NaN / inf: the engine has reset the branch's state, drop cross-branch state
+    derived from it); `cached_tensors()` (tensors held outside the branch states, for stats' cache bytes).
+    `describe()` names the policy and its config in stats.
+
+    Example:
+        >>> import dataclasses
+        >>> import torch
+        >>> import ditcache
+        >>> from ditcache.engine import BranchState, sample_of
+        >>> from ditcache.testing import euler_sample, tiny_inputs, tiny_model
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class OddStepsConfig(ditcache.PolicyConfig):  # reuse the previous output at every odd step
+        ...     pass
+        >>> @dataclasses.dataclass
+        ... class LastOutput(BranchState):  # one per CFG branch; reset() restores the defaults
+        ...     last: torch.Tensor | None = None
+        >>> @ditcache.register_policy(OddStepsConfig)
+        ... class OddStepsPolicy(ditcache.Policy):
+        ...     branch_state = LastOutput
+        ...     def forward(self, call):
+        ...         if call.info.step % 2 and call.state.last is not None:
+        ...             return call.reuse(call.state.last)
+        ...         output = call.run()
+        ...         call.state.last = call.store(sample_of(output))  # checked for NaN / inf
+        ...         return output
+        >>> model = tiny_model("flux")
+        >>> handle = ditcache.apply(model, OddStepsConfig())
+        >>> _ = euler_sample(model, "flux", tiny_inputs("flux"), steps=4, handle=handle)
+        >>> [record.step for record in handle.records() if record.kind == "reused"]
+        [1, 3]
+        >>> handle.remove()
     """
 
     branch_state: type[BranchState] = BranchState

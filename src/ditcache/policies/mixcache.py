@@ -56,6 +56,54 @@ Outputs = dict[str, "torch.Tensor | None"]
 
 @dataclasses.dataclass(frozen=True)
 class MixCacheConfig(PolicyConfig):
+    r"""
+    MixCache: adaptive hybrid caching that picks, per step, between step, CFG and block granularity.
+
+    One decision per step, shared by both CFG branches. Warm-up: compute while D_step (relative L1 between
+    consecutive outputs) >= theta. Then every N-th step is computed fully; after each full step N is
+    rescaled from D_full against delta1 / delta2 (`mode`). The other steps use the allowed granularity with
+    the smallest P = D x I (latest measured redundancy x offline impact); with `penalty` the granularity of
+    the previous cache-enabled step is excluded. step: both branches reuse their previous output; cfg: the
+    conditional branch runs, the unconditional one is cond + cached (uncond - cond); block i: the
+    conditional branch feeds its previous output of block i to block i + 1 and runs only the later blocks.
+    theta, delta1, delta2 and the impacts come from a calibration profile (`ditcache calibrate mixcache`),
+    tied to the model and the step count, so applying needs one. Presets `mixcache-acc` and `mixcache-eff`.
+
+    Paper: "Adaptive Hybrid Caching for Efficient Text-to-Video Diffusion Model Acceleration" (MixCache),
+    Wei et al., 2025.
+
+    Args:
+        mode (`str`, defaults to `"acc"`):
+            The interval set: `"acc"` (accuracy first, N in {4, 3, 2}) or `"eff"` (efficiency first, N in
+            {5, 4, 3}), for D_full < delta1, < delta2, >= delta2; N starts at the middle value.
+        profile (`str`, *optional*, defaults to `None`):
+            Path of a profile JSON; `None` = the shipped profile matching the model and the step count.
+        granularities (`tuple[str, ...]`, defaults to `("step", "cfg", "block")`):
+            The granularities cache-enabled steps may use; a non-empty tuple of `"step"`, `"cfg"`, `"block"`.
+        penalty (`bool`, defaults to `True`):
+            Never use the same granularity at two consecutive cache-enabled steps.
+        adaptive_interval (`bool`, defaults to `True`):
+            Rescale N after each full step; `False` keeps N at `fixed_interval`.
+        fixed_interval (`int`, defaults to `4`):
+            N when `adaptive_interval` is `False`, in [2, 50].
+        batched_cfg (`str`, defaults to `"none"`):
+            How a pipeline that runs CFG as one batched forward orders its halves: `"uncond-first"` (what
+            diffusers' batched pipelines do), `"cond-first"`, or `"none"` for separate forwards (named
+            `"cond"` / `"uncond"` by `cache_context`) or no CFG.
+
+    Example:
+        >>> import ditcache
+        >>> config = ditcache.MixCacheConfig(mode="eff")
+        >>> config == ditcache.preset("mixcache-eff")
+        True
+        >>> config.replace(penalty=False, granularities=("step", "block")).granularities
+        ('step', 'block')
+        >>> ditcache.parse_policy("mixcache-acc:adaptive_interval=False:fixed_interval=3").fixed_interval
+        3
+        >>> ditcache.MixCacheConfig.profile_method  # applying needs a profile of this method
+        'mixcache'
+    """
+
     profile_method: ClassVar[str] = METHOD  # needs a calibration profile of this method
     mode: str = "acc"  # "acc": N in {4, 3, 2}; "eff": N in {5, 4, 3}
     profile: str | None = None  # profile JSON path; None = the shipped profile matching model and steps

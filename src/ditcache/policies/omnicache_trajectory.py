@@ -38,6 +38,47 @@ SPEEDS = ("slow", "fast")
 
 @dataclasses.dataclass(frozen=True)
 class OmniCacheTrajectoryConfig(PolicyConfig):
+    r"""
+    OmniCache (trajectory-oriented): reuse attention / MLP outputs at low-curvature steps, with noise correction.
+
+    A calibration (`ditcache calibrate omnicache-trajectory`) projects the sampling trajectory to 3-D, picks
+    the reuse steps among the lowest-curvature ones (never three in a row; "slow" and "fast" schedules) and
+    estimates gamma_t, the correlation of the cache-induced noise between consecutive steps. At a reuse step
+    every block's attention and MLP submodules return their outputs cached at the last computed step (the
+    rest of the block, the embedders and the final layer still run). With `correction`, the cache-induced
+    noise q_t ~ gamma_t x q_prev (q_prev measured by one cheap extra pass at the computed step just before,
+    chained through consecutive reuse steps) is subtracted from the output, low-pass filtered in the first
+    `filter_switch` share of the steps and high-pass filtered after (`filtering`). Applying needs a profile
+    tied to the model and the step count. Presets `omnicache-traj-slow` and `omnicache-traj-fast`.
+
+    Paper: "OmniCache: A Trajectory-Oriented Global Perspective on Training-Free Cache Reuse for Diffusion
+    Transformer Models", Chu et al., 2025 (arXiv:2508.16212).
+
+    Args:
+        speed (`str`, defaults to `"slow"`):
+            Which schedule of the profile: `"slow"` (50% of the steps reused) or `"fast"` (60%).
+        profile (`str`, *optional*, defaults to `None`):
+            Path of a profile JSON; `None` = the shipped profile matching the model and the step count.
+        correction (`bool`, defaults to `True`):
+            Subtract the estimated cache-induced noise (costs one cheap extra pass before each reuse run).
+        filtering (`bool`, defaults to `True`):
+            Low-pass the correction early, high-pass it late; `False` subtracts it unfiltered.
+        filter_switch (`float`, defaults to `0.5`):
+            Share of the steps after which the filter switches to high-pass, in [0, 1].
+        filter_radius (`float`, defaults to `0.25`):
+            Cut-off radius as a share of min(H, W) of the latent grid, in (0, 1].
+
+    Example:
+        >>> import ditcache
+        >>> config = ditcache.OmniCacheTrajectoryConfig(speed="fast")
+        >>> config == ditcache.preset("omnicache-traj-fast")
+        True
+        >>> config.replace(correction=False).correction
+        False
+        >>> ditcache.OmniCacheTrajectoryConfig.profile_method  # applying needs a profile of this method
+        'omnicache-trajectory'
+    """
+
     profile_method: ClassVar[str] = METHOD  # needs a calibration profile of this method
     speed: str = "slow"  # which schedule of the profile: "slow" (50% of steps reused) or "fast" (60%)
     profile: str | None = None  # path of a profile JSON; None = the shipped profile matching the model

@@ -39,6 +39,57 @@ PAPER_DOWNSAMPLE_IMAGE = (1, 4, 4)
 
 @dataclasses.dataclass(frozen=True)
 class PreciseCacheConfig(PolicyConfig):
+    r"""
+    PreciseCache: LFCache decides per step from a cheap trial forward; BlockCache skips blocks inside computed steps.
+
+    LFCache: the first `warmup_steps` are always computed. From step 1 on, every step first runs a *trial*
+    forward on the latent average-pooled by `downsample`, and the low-frequency part (centred FFT disc of
+    radius `radius`) of its prediction is compared (L2) with that of the equally pooled cached prediction.
+    This low-frequency difference (LFD) is accumulated; while the sum stays below delta = `alpha` x the
+    largest LFD of the warm-up, the cached prediction is reused, otherwise the step is computed and the sum
+    reset. The decision is taken once per step and applied to both CFG branches. BlockCache (on when
+    `block_cache_ratio` > 0): at a refreshing computed step every block's change ||output - input|| is
+    measured, and the `block_cache_ratio` share that changed least is skipped with cached residuals in the
+    next `block_cache_steps` computed steps. Presets `precisecache-base` (alpha 0.5), `precisecache-turbo`
+    (alpha 0.7) and `precisecache-flash` (turbo + 40% of blocks cached, L = 3). Trial forwards are counted
+    in stats and MACs.
+
+    Paper: "PreciseCache: Precise Feature Caching for Efficient and High-Fidelity Video Generation"
+    (anonymous, under review; paper 004 of docs/METHODS.md).
+
+    Args:
+        alpha (`float`, defaults to `0.5`):
+            delta = alpha x the largest warm-up LFD, in (0, 100]; larger = more reuse.
+        warmup_steps (`int`, defaults to `3`):
+            The first steps, always computed; the LFDs of steps 1 .. warmup_steps - 1 set delta; >= 2.
+        downsample (`tuple[int, int, int]`, *optional*, defaults to `None`):
+            (frames, height, width) pooling factors of the trial latent, each in [1, 64]. `None` = the
+            paper's 2x4x4 (video) / 4x4 (image), each factor halved until it divides the latent grid and
+            keeps the pooled grid divisible by the patch size.
+        radius (`float`, defaults to `0.2`):
+            Low-frequency mask radius as a fraction of min(H, W) of the trial grid, in (0, 1].
+        block_cache_ratio (`float`, defaults to `0.0`):
+            Share of the blocks BlockCache skips, in [0, 0.95]; 0 turns BlockCache off (no block hooks).
+        block_cache_steps (`int`, defaults to `3`):
+            L: the number of computed steps that reuse one block selection before it is refreshed; >= 1.
+
+    Example:
+        >>> import ditcache
+        >>> from ditcache.testing import euler_sample, tiny_inputs, tiny_model
+        >>> ditcache.preset("precisecache-turbo") == ditcache.PreciseCacheConfig(alpha=0.7)
+        True
+        >>> ditcache.PreciseCacheConfig(alpha=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: alpha must be in (0.0, 100.0], got 0
+        >>> model = tiny_model("flux")
+        >>> handle = ditcache.apply(model, "precisecache-base")
+        >>> _ = euler_sample(model, "flux", tiny_inputs("flux"), steps=4, handle=handle)
+        >>> [step for step, lfd in handle.policy.lfd_trace]  # one trial per step once a prediction is cached
+        [1, 2, 3]
+        >>> handle.remove()
+    """
+
     alpha: float = 0.5  # delta = alpha * max warm-up LFD; larger = more reuse
     warmup_steps: int = 3  # always computed; LFDs measured at steps 1..warmup_steps-1 set delta
     # (frames, height, width) pooling of the trial latent; None = the paper's 2x4x4 (video) / 4x4

@@ -23,6 +23,44 @@ from .base import Policy, Residuals, run_and_store_residuals
 
 @dataclasses.dataclass(frozen=True)
 class StaticIntervalConfig(PolicyConfig):
+    r"""
+    Static interval reuse (FORA-style): compute one sampling step in every `interval`, reuse in between.
+
+    After `warmup_steps` computed steps, step `s` is computed when `(s - warmup_steps) % interval == 0` and
+    reused otherwise; the last `cooldown_steps` are always computed. With `reuse="output"` a reused step
+    returns the model output of the last computed step of the same CFG branch (presets `static-N`); with
+    `reuse="blocks"` the embedders and the final layer still run with the current timestep and every block
+    adds its residual cached at the last computed step, which is what FORA does with its attention / MLP
+    features (presets `fora-N`, 2 warm-up steps).
+
+    Paper: "FORA: Fast-Forward Caching in Diffusion Transformer Acceleration", Selvaraju et al., 2024
+    (arXiv:2407.01425).
+
+    Args:
+        interval (`int`, defaults to `2`):
+            Compute 1 step in every `interval`, in [1, 100]; 1 computes every step (never reuses).
+        warmup_steps (`int`, defaults to `2`):
+            The first steps, always computed; >= 0.
+        cooldown_steps (`int`, defaults to `0`):
+            The last steps, always computed; >= 0. Only applies when the step count is known (a pipeline,
+            or `handle.generation(num_steps=...)`).
+        reuse (`str`, defaults to `"output"`):
+            What a reused step takes from the last computed step: `"output"` (the whole model output; the
+            cheapest, the embedders are skipped too) or `"blocks"` (every block's residual, FORA).
+
+    Example:
+        >>> import ditcache
+        >>> from ditcache.testing import euler_sample, tiny_inputs, tiny_model
+        >>> ditcache.preset("fora-3") == ditcache.StaticIntervalConfig(interval=3, warmup_steps=2, reuse="blocks")
+        True
+        >>> model = tiny_model("flux")
+        >>> handle = ditcache.apply(model, ditcache.StaticIntervalConfig(interval=2, warmup_steps=2))
+        >>> _ = euler_sample(model, "flux", tiny_inputs("flux"), steps=6, handle=handle)
+        >>> [record.step for record in handle.records() if record.kind == "reused"]
+        [3, 5]
+        >>> handle.remove()
+    """
+
     interval: int = 2  # compute 1 step in every `interval` (1 = never reuse)
     warmup_steps: int = 2
     cooldown_steps: int = 0
@@ -44,10 +82,28 @@ class StaticIntervalConfig(PolicyConfig):
 
 @dataclasses.dataclass(frozen=True)
 class ReuseScheduleConfig(PolicyConfig):
-    """Reuse exactly the listed steps (the last computed output, per branch); compute all others.
+    r"""
+    Fixed reuse schedule: reuse exactly the listed steps (the last computed output, per branch); compute all others.
 
     Used for analyses (the impact of reusing one single step) and by methods that calibrate a schedule
-    offline."""
+    offline. A listed step is computed anyway when its branch has no cached output yet. Not a published
+    method and no preset: build it directly.
+
+    Args:
+        reuse_steps (`tuple[int, ...]`, defaults to `()`):
+            0-based indices of the steps that reuse the last computed output; a tuple of integers >= 1
+            (step 0 has nothing to reuse). `()` computes every step.
+
+    Example:
+        >>> import ditcache
+        >>> from ditcache.testing import euler_sample, tiny_inputs, tiny_model
+        >>> model = tiny_model("flux")
+        >>> handle = ditcache.apply(model, ditcache.ReuseScheduleConfig(reuse_steps=(2, 4)))
+        >>> _ = euler_sample(model, "flux", tiny_inputs("flux"), steps=6, handle=handle)
+        >>> [record.step for record in handle.records() if record.kind == "reused"]
+        [2, 4]
+        >>> handle.remove()
+    """
 
     reuse_steps: tuple[int, ...] = ()
 

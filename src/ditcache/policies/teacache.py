@@ -25,6 +25,43 @@ from .base import Policy, Residuals, run_and_store_residuals
 
 @dataclasses.dataclass(frozen=True)
 class TeaCacheConfig(PolicyConfig):
+    r"""
+    TeaCache-style dynamic step skipping from the change of the first block's timestep-modulated input.
+
+    Before the first block runs, its modulated input (the adapter says how to get it; it costs one norm) is
+    compared with the one of the previous forward of the same CFG branch: rel-L1 = mean|m_t - m_prev| /
+    mean|m_prev|. These values (optionally mapped through the `rescale` polynomial) are summed since the
+    last computed step; while the sum stays below `threshold`, every block is skipped by adding its residual
+    cached at the last computed step (the embedders and the final layer still run); otherwise the step is
+    computed and the sum reset. Presets `teacache-0.05`, `teacache-0.1`, `teacache-0.2`, `teacache-0.3`.
+    Needs an adapter with `modulated_input` (all shipped adapters have one; `apply` raises `TypeError`
+    otherwise).
+
+    Paper: "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model", Liu et al., 2024
+    (arXiv:2411.19108).
+
+    Args:
+        threshold (`float`, defaults to `0.1`):
+            Accumulated rel-L1 under which steps skip their blocks, in [0, 100]; larger = more reuse, 0 never
+            skips.
+        warmup_steps (`int`, defaults to `1`):
+            Steps before this index are always computed (their rel-L1 is recorded but not accumulated); >= 1.
+        rescale (`tuple[float, ...]`, defaults to `()`):
+            Coefficients, highest power first, of the polynomial applied to each rel-L1 before accumulating;
+            a tuple of numbers, `()` = identity. TeaCache fits one per model; none is fitted for the
+            reference models.
+
+    Example:
+        >>> import ditcache
+        >>> from ditcache.testing import euler_sample, tiny_inputs, tiny_model
+        >>> model = tiny_model("flux")
+        >>> handle = ditcache.apply(model, ditcache.TeaCacheConfig(threshold=0.2))  # or "teacache-0.2"
+        >>> _ = euler_sample(model, "flux", tiny_inputs("flux"), steps=4, handle=handle)
+        >>> [step for step, branch, rel_l1 in handle.policy.trace]  # rel-L1 measured from step 1 on
+        [1, 2, 3]
+        >>> handle.remove()
+    """
+
     threshold: float = 0.1  # accumulated rel-L1 under which steps are reused
     warmup_steps: int = 1
     # Coefficients (highest power first) of the polynomial applied to each rel-L1 before accumulating;
