@@ -10,7 +10,7 @@ from . import policies  # noqa: F401  (registers policies and presets)
 from .adapters import BlockListSpec, LatentGrid, ModelAdapter, register_adapter, supported_models
 from .api import apply
 from .config import PolicyConfig
-from .engine import CacheHandle, ForwardInfo, Stats
+from .engine import BranchState, CacheHandle, ForwardInfo, ModelView, Stats
 from .policies import (
     MixCacheConfig,
     NoCacheConfig,
@@ -27,11 +27,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockListSpec",
+    "BranchState",
     "CacheHandle",
     "ForwardInfo",
     "LatentGrid",
     "MixCacheConfig",
     "ModelAdapter",
+    "ModelView",
     "NoCacheConfig",
     "OmniCacheTrajectoryConfig",
     "Policy",
