@@ -10,6 +10,12 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _private_profile_dir(tmp_path_factory, monkeypatch):
+    """Calibrations in tests save to a temporary user profile directory, never to ~/.cache."""
+    monkeypatch.setenv("DITCACHE_PROFILE_DIR", str(tmp_path_factory.getbasetemp() / "user-profiles"))
+
+
 @pytest.fixture(params=TINY_MODELS)
 def family(request):
     return request.param

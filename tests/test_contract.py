@@ -338,9 +338,10 @@ def test_every_preset_reuses_on_some_tiny_model(preset):
     pytest.fail(f"{preset} never reused anything on a tiny model ({'; '.join(seen)}): the contract is vacuous")
 
 
-def test_profiles_are_found_in_the_env_directory_then_the_shipped_one(tmp_path, monkeypatch):
+def test_profiles_are_found_in_the_user_directory_then_the_shipped_one(tmp_path, monkeypatch):
     monkeypatch.delenv(PROFILE_DIR_ENV, raising=False)
-    assert profile_dirs() == [PROFILE_DIR]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert profile_dirs() == [tmp_path / "cache" / "ditcache" / "profiles", PROFILE_DIR]
     monkeypatch.setenv(PROFILE_DIR_ENV, str(tmp_path))
     assert profile_dirs() == [tmp_path, PROFILE_DIR]
     model = _model("wan")

@@ -86,7 +86,7 @@ def test_helpers():
 @pytest.fixture(scope="module")
 def tiny_profile(tmp_path_factory):
     pipe = RefPipeline(RefModel(TINY))
-    profile = calibrate(pipe, "tiny", steps=12, samples=2)
+    profile = calibrate(pipe.transformer, pipe.calibration_run(12, 2), "tiny")
     path = profile.save(tmp_path_factory.mktemp("p") / "mixcache-tiny-12.json")
     return pipe, path
 

@@ -9,6 +9,7 @@ handle.remove()
 from . import policies  # noqa: F401  (registers policies and presets)
 from .adapters import BlockListSpec, LatentGrid, ModelAdapter, register_adapter, supported_models
 from .api import apply
+from .calibration.api import calibrate
 from .config import PolicyConfig
 from .engine import BranchState, CacheHandle, ForwardInfo, ModelView, Stats
 from .policies import (
@@ -44,6 +45,7 @@ __all__ = [
     "Stats",
     "TeaCacheConfig",
     "apply",
+    "calibrate",
     "parse_policy",
     "preset",
     "presets",

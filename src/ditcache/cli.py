@@ -139,13 +139,17 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .calibration import mixcache, omnicache
+    from . import calibrate
     from .calibration.profiles import PROFILE_DIR
     from .refmodels import RefPipeline
 
     pipe = RefPipeline.from_pretrained(args.model)
-    module = {"omnicache-trajectory": omnicache, "mixcache": mixcache}[args.method]
-    profile = module.calibrate(pipe, args.model, steps=args.steps, samples=args.samples, seed=args.seed)
+    generation = pipe.calibration_run(args.steps, args.samples, seed=args.seed)
+    profile = calibrate(
+        pipe.transformer, args.method, num_steps=args.steps, run=generation.run, guidance=generation.guidance,
+        seed=args.seed, name=args.model, save=False,
+    )
+    profile.data.update(generation.meta)
     out = Path(args.out) if args.out else PROFILE_DIR / f"{args.method}-{args.model}-{args.steps}.json"
     profile.save(out)
     data = profile.data

@@ -1,7 +1,7 @@
 """MixCache offline profiling: theta, delta1, delta2, mu/sigma of cache distances, and impacts.
 
-1. Full sampling of `samples` prompts (classes), recording every step's cond / uncond outputs and the
-   outputs of the candidate blocks.
+1. One generation (any sampler: see `record.py`), recording every step's cond / uncond outputs, the model
+   inputs and the outputs of the candidate blocks.
 2. theta: D_step (relative L1 of consecutive cond outputs) has stabilised at the first step t >= 5 whose
    value is within 10% of the mean of the five before; theta is the mean of D_step from there on,
    delta1 / delta2 its minimum / maximum there (each averaged over prompts).
@@ -10,7 +10,8 @@
    sigma = mean of the per-step standard deviations of the last 80% of the steps.
 4. Impact: Gaussian perturbation N(mu, sigma) of what each granularity approximates, measured as the
    relative L1 change of the guided prediction: step (both branches' outputs), cfg (the uncond output),
-   block i (block i's output, then the later blocks run; per step).
+   block i (block i's output, then the later blocks run; per step, in a replay of the same generation whose
+   forwards get the recorded inputs).
 """
 
 from __future__ import annotations
@@ -21,48 +22,43 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..adapters import adapter_for
 from ..config import PolicyConfig
-from ..engine.calls import BlockCall, ForwardCall, sample_of
+from ..engine.calls import BlockCall, ForwardCall
 from ..numerics import rel_l1
-from ..policies.base import Policy
 from ..registry import register_policy
 from .profiles import Profile, model_fingerprint
+from .record import CalibrationRun, RecordingPolicy, branches, record
 
 DEFAULT_CANDIDATES = (0.25, 0.5, 0.75)
 
 
 @dataclasses.dataclass(frozen=True)
 class MixCacheRecordConfig(PolicyConfig):
-    """Internal: compute everything, record outputs and candidate block outputs per step and branch."""
+    """Internal: compute everything, record inputs, outputs and candidate block outputs per step and branch."""
 
     positions: tuple[int, ...] = ()
 
 
 @register_policy(MixCacheRecordConfig)
-class MixCacheRecordPolicy(Policy):
+class MixCacheRecordPolicy(RecordingPolicy):
     uses_block_hooks = True
 
     def __init__(self, config: MixCacheRecordConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
-        self.outputs: dict[tuple[str, int], torch.Tensor] = {}
         self.blocks: dict[tuple[str, int, int], torch.Tensor] = {}
-
-    def forward(self, call: ForwardCall) -> Any:
-        output = call.run()
-        self.outputs[(call.info.branch, call.info.step)] = sample_of(output).detach().clone()
-        return output
 
     def block(self, call: BlockCall) -> Any:
         output = call.run()
         if call.ref.position in self.config.positions:
-            hidden = call.outputs_of(output)["hidden_states"]
+            hidden = call.outputs_of(output)[call.ref.spec.token_stream]
             self.blocks[(call.forward.info.branch, call.forward.info.step, call.ref.position)] = hidden.detach().clone()
         return output
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockPerturbConfig(PolicyConfig):
-    """Internal: add N(mu, sigma) noise to the hidden-state output of one block."""
+    """Internal: replay recorded model inputs and add N(mu, sigma) noise to one block's image-token output."""
 
     position: int = 0
     mu: float = 0.0
@@ -71,18 +67,28 @@ class BlockPerturbConfig(PolicyConfig):
 
 
 @register_policy(BlockPerturbConfig)
-class BlockPerturbPolicy(Policy):
+class BlockPerturbPolicy(RecordingPolicy):
     uses_block_hooks = True
+
+    def __init__(self, config: BlockPerturbConfig, adapter: Any) -> None:
+        super().__init__(config, adapter)
+        self.replay: dict[tuple[str, int], torch.Tensor] = {}  # (branch, step) -> recorded model input
+
+    def compute(self, call: ForwardCall) -> Any:
+        # Teacher forcing: every forward sees the input of the unperturbed run, whatever the sampler did.
+        recorded = self.replay[(call.info.branch, call.info.step)]
+        return call.run(**{self.adapter.hidden_states_arg: recorded})
 
     def block(self, call: BlockCall) -> Any:
         output = call.run()
         if call.ref.position != self.config.position:
             return output
         values = call.outputs_of(output)
-        hidden = values["hidden_states"]
+        stream = call.ref.spec.token_stream
+        hidden = values[stream]
         generator = torch.Generator().manual_seed(self.config.seed + call.forward.info.step)
         noise = torch.randn(hidden.shape, generator=generator) * self.config.sigma + self.config.mu
-        values["hidden_states"] = hidden + noise.to(hidden.dtype)
+        values[stream] = hidden + noise.to(hidden.dtype)
         return call.build_output(values)
 
 
@@ -104,119 +110,98 @@ def _gauss_like(x: torch.Tensor, mu: float, sigma: float, seed: int) -> torch.Te
     return torch.randn(x.shape, generator=generator) * sigma + mu
 
 
-def calibrate(
-    pipe: Any,
-    model_name: str,
-    steps: int = 50,
-    samples: int = 8,
-    seed: int = 1,
-    guidance: float = 4.0,
-    fractions: tuple[float, ...] = DEFAULT_CANDIDATES,
-) -> Profile:
-    from .. import apply
+def _mu_sigma(diffs: list[torch.Tensor]) -> tuple[float, float]:
+    """mu: mean over the listed steps; sigma: mean of per-step standard deviations of the last 80%."""
+    mus = [float(x.mean()) for x in diffs]
+    sigmas = [float(x.std()) for x in diffs[len(diffs) // 5 :]]
+    return float(np.mean(mus)), float(np.mean(sigmas))
 
-    num_blocks = sum(len(getattr(pipe.transformer, s.attr)) for s in _adapter(pipe).block_lists)
-    positions = candidate_positions(num_blocks, fractions)
-    labels = torch.arange(samples) % pipe.spec.num_classes
-    handle = apply(pipe, MixCacheRecordConfig(positions=positions))
-    try:
-        _, trajectory = pipe(
-            labels, num_inference_steps=steps, guidance_scale=guidance, seed=seed, return_trajectory=True
-        )
-        record = handle.policy
-        outputs, blocks = dict(record.outputs), dict(record.blocks)
-    finally:
-        handle.remove()
 
-    cond = [outputs[("cond", t)] for t in range(steps)]
-    uncond = [outputs[("uncond", t)] for t in range(steps)]
-    guided = [u + guidance * (c - u) for c, u in zip(cond, uncond)]
-    # theta, delta1, delta2 per prompt (sample), averaged.
+def _thresholds(cond: list[torch.Tensor]) -> tuple[float, float, float, int]:
+    """theta, delta1, delta2 (averaged over samples) and the warm-up length."""
     thetas, lows, highs, starts = [], [], [], []
-    for i in range(samples):
-        d = [rel_l1(cond[t][i], cond[t - 1][i]) for t in range(1, steps)]
+    for i in range(cond[0].shape[0]):
+        d = [rel_l1(cond[t][i], cond[t - 1][i]) for t in range(1, len(cond))]
         start = stabilised_from(d)
         tail = d[start:] or d[-1:]
         thetas.append(float(np.mean(tail)))
         lows.append(float(np.min(tail)))
         highs.append(float(np.max(tail)))
         starts.append(start + 1)
-    warm = int(np.median(starts))
+    return float(np.mean(thetas)), float(np.mean(lows)), float(np.mean(highs)), int(np.median(starts))
 
-    def stats(diffs: list[torch.Tensor]) -> tuple[float, float]:
-        mus = [float(x.mean()) for x in diffs]
-        sigmas = [float(x.std()) for x in diffs[len(diffs) // 5 :]]
-        return float(np.mean(mus)), float(np.mean(sigmas))
 
-    mu_step, sigma_step = stats([cond[t] - cond[t - 1] for t in range(warm, steps)])
-    mu_cfg, sigma_cfg = stats([cond[t] + (uncond[t - 1] - cond[t - 1]) - uncond[t] for t in range(warm, steps)])
-    impact_step = float(
-        np.mean(
-            [
-                rel_l1(
-                    (uncond[t] + _gauss_like(uncond[t], mu_step, sigma_step, 2 * t))
-                    + guidance
-                    * (
-                        (cond[t] + _gauss_like(cond[t], mu_step, sigma_step, 2 * t + 1))
-                        - (uncond[t] + _gauss_like(uncond[t], mu_step, sigma_step, 2 * t))
-                    ),
-                    guided[t],
-                )
-                for t in range(warm, steps)
-            ]
-        )
-    )
-    impact_cfg = float(
-        np.mean(
-            [
-                rel_l1(
-                    (uncond[t] + _gauss_like(uncond[t], mu_cfg, sigma_cfg, t))
-                    + guidance * (cond[t] - uncond[t] - _gauss_like(uncond[t], mu_cfg, sigma_cfg, t)),
-                    guided[t],
-                )
-                for t in range(warm, steps)
-            ]
-        )
-    )
+def calibrate(
+    model: torch.nn.Module,
+    generation: CalibrationRun,
+    model_name: str | None = None,
+    seed: int = 1,
+    fractions: tuple[float, ...] = DEFAULT_CANDIDATES,
+) -> Profile:
+    """MixCache profile of `model` from one recorded generation plus one replayed generation per candidate
+    block (perturbed). Works with separate "cond"/"uncond" forwards (CFG granularity profiled) or a single
+    unnamed branch (no CFG: the CFG impact is 0 and the policy disables that granularity)."""
+    steps = generation.num_steps
+    num_blocks = sum(len(getattr(model, spec.attr)) for spec in adapter_for(model).block_lists)
+    positions = candidate_positions(num_blocks, fractions)
+    recorder, _ = record(model, MixCacheRecordConfig(positions=positions), generation)
+    cond_branch, uncond_branch = branches(recorder.outputs)
+    if uncond_branch is not None and generation.guidance is None:
+        raise ValueError("the generation runs an unconditional branch: give its CFG scale as guidance=")
+    guidance = generation.guidance if uncond_branch is not None else 1.0
+    cond = [recorder.outputs[(cond_branch, t)] for t in range(steps)]
+    uncond = [recorder.outputs[(uncond_branch, t)] for t in range(steps)] if uncond_branch else cond
+    guided = [u + guidance * (c - u) for c, u in zip(cond, uncond)]
+    theta, delta1, delta2, warm = _thresholds(cond)
+    late = range(warm, steps)
+
+    mu_step, sigma_step = _mu_sigma([cond[t] - cond[t - 1] for t in late])
+    mu_cfg, sigma_cfg = _mu_sigma([cond[t] + (uncond[t - 1] - cond[t - 1]) - uncond[t] for t in late])
+
+    def step_impact(t: int) -> float:
+        noisy_u = uncond[t] + _gauss_like(uncond[t], mu_step, sigma_step, 2 * t)
+        noisy_c = cond[t] + _gauss_like(cond[t], mu_step, sigma_step, 2 * t + 1)
+        return rel_l1(noisy_u + guidance * (noisy_c - noisy_u) if uncond_branch else noisy_c, guided[t])
+
+    def cfg_impact(t: int) -> float:
+        noise = _gauss_like(uncond[t], mu_cfg, sigma_cfg, t)
+        return rel_l1((uncond[t] + noise) + guidance * (cond[t] - uncond[t] - noise), guided[t])
+
+    impact_step = float(np.mean([step_impact(t) for t in late]))
+    impact_cfg = float(np.mean([cfg_impact(t) for t in late])) if uncond_branch else 0.0
 
     impact_block: dict[str, list[float]] = {}
     block_stats: dict[str, tuple[float, float]] = {}
-    pipe.scheduler.set_timesteps(steps)
-    sigmas = pipe.scheduler.sigmas
-    null = torch.full_like(labels, pipe.spec.null_class)
     for position in positions:
-        mu_b, sigma_b = stats(
-            [blocks[("cond", t, position)] - blocks[("cond", t - 1, position)] for t in range(warm, steps)]
+        recorded = recorder.blocks
+        mu_b, sigma_b = _mu_sigma(
+            [recorded[(cond_branch, t, position)] - recorded[(cond_branch, t - 1, position)] for t in late]
         )
         block_stats[str(position)] = (mu_b, sigma_b)
-        handle = apply(pipe, BlockPerturbConfig(position=position, mu=mu_b, sigma=sigma_b, seed=seed))
+        config = BlockPerturbConfig(position=position, mu=mu_b, sigma=sigma_b, seed=seed)
+        perturbed, _ = record(model, config, generation, prepare=lambda p: p.replay.update(recorder.inputs))
         impacts = []
-        try:
-            with torch.no_grad(), handle.generation(num_steps=steps):
-                for t in range(steps):
-                    sigma = sigmas[t].expand(samples)
-                    with handle.branch("cond", step_index=t):
-                        c = pipe.model.predict(trajectory[t], sigma, labels)
-                    with handle.branch("uncond", step_index=t):
-                        u = pipe.model.predict(trajectory[t], sigma, null)
-                    impacts.append(rel_l1(u + guidance * (c - u), _pixels(pipe, guided[t])))
-        finally:
-            handle.remove()
+        for t in range(steps):
+            c = perturbed.outputs[(cond_branch, t)]
+            u = perturbed.outputs[(uncond_branch, t)] if uncond_branch else c
+            impacts.append(rel_l1(u + guidance * (c - u), guided[t]))
         impact_block[str(position)] = impacts
 
     return Profile(
         method="mixcache",
-        model_name=model_name,
-        fingerprint=model_fingerprint(pipe.transformer),
+        model_name=model_name or type(model).__name__,
+        fingerprint=model_fingerprint(model),
         num_steps=steps,
         data={
-            "samples": samples,
+            **generation.meta,
+            "samples": cond[0].shape[0],
             "seed": seed,
             "guidance": guidance,
+            "cfg_branches": uncond_branch is not None,
             "warmup_steps": warm,
-            "theta": float(np.mean(thetas)),
-            "delta1": float(np.mean(lows)),
-            "delta2": float(np.mean(highs)),
+            "theta": theta,
+            "delta1": delta1,
+            "delta2": delta2,
             "mu_sigma": {"step": [mu_step, sigma_step], "cfg": [mu_cfg, sigma_cfg], "block": block_stats},
             "impact_step": impact_step,
             "impact_cfg": impact_cfg,
@@ -224,13 +209,3 @@ def calibrate(
             "block_candidates": list(fractions),
         },
     )
-
-
-def _adapter(pipe: Any) -> Any:
-    from ..adapters import adapter_for
-
-    return adapter_for(pipe.transformer)
-
-
-def _pixels(pipe: Any, model_output: torch.Tensor) -> torch.Tensor:
-    return pipe.model.from_model_output(model_output)

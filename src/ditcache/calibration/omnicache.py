@@ -16,10 +16,10 @@ import torch
 
 from ..config import PolicyConfig
 from ..engine.calls import ForwardCall, SubmoduleCall, sample_of
-from ..policies.base import Policy
 from ..policies.omnicache_trajectory import SubmoduleCacheState, SubmodulePass, reuse_or_store_submodule
 from ..registry import register_policy
 from .profiles import Profile, model_fingerprint
+from .record import CalibrationRun, RecordingPolicy, record, trajectory
 from .trajectory import curvature, project_3d, select_reuse_steps
 
 SPEED_FRACTIONS = {"slow": 0.5, "fast": 0.6}
@@ -31,18 +31,15 @@ class OmniCacheCalibrationConfig(PolicyConfig):
 
 
 @register_policy(OmniCacheCalibrationConfig)
-class OmniCacheCalibrationPolicy(Policy):
+class OmniCacheCalibrationPolicy(RecordingPolicy):
     branch_state = SubmoduleCacheState
     uses_submodule_hooks = True
 
-    def reset(self) -> None:
-        self.q: dict[tuple[str, int], torch.Tensor] = {}
-
     def __init__(self, config: PolicyConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
-        self.reset()
+        self.q: dict[tuple[str, int], torch.Tensor] = {}
 
-    def forward(self, call: ForwardCall) -> Any:
+    def compute(self, call: ForwardCall) -> Any:
         state: SubmoduleCacheState = call.state
         approx = None
         if len(state.outputs) == len(self.model_view.submodules):
@@ -72,30 +69,25 @@ def noise_gamma(q: dict[tuple[str, int], torch.Tensor], num_steps: int) -> list[
     return gamma
 
 
-def trajectory_curvature(trajectory: list[torch.Tensor]) -> np.ndarray:
-    """Mean over samples of the per-step curvature of x_t (list of N+1 batched states)."""
+def trajectory_curvature(trajectory: list[torch.Tensor], steps: int | None = None) -> np.ndarray:
+    """Mean over samples of the per-step curvature of x_t (list of N+1 batched states, or N when the final
+    state is unknown: the last step is then an end point, curvature inf)."""
     stacked = torch.stack([x.float() for x in trajectory], dim=1)  # (B, N+1, ...)
     per_sample = [curvature(project_3d(sample.flatten(1).numpy())) for sample in stacked]
-    steps = len(trajectory) - 1
+    steps = len(trajectory) - 1 if steps is None else steps
     return np.mean([c[:steps] for c in per_sample], axis=0)  # curvature at x_s for step s (x_s -> x_s+1)
 
 
 def calibrate(
-    pipe: Any, model_name: str, steps: int = 50, samples: int = 8, seed: int = 0, guidance: float = 4.0, warmup: int = 2
+    model: torch.nn.Module, generation: CalibrationRun, model_name: str | None = None, warmup: int = 2
 ) -> Profile:
-    from .. import apply
-
-    labels = torch.arange(samples) % pipe.spec.num_classes
-    handle = apply(pipe, OmniCacheCalibrationConfig())
-    try:
-        _, trajectory = pipe(
-            labels, num_inference_steps=steps, guidance_scale=guidance, seed=seed, return_trajectory=True
-        )
-        q = dict(handle.policy.q)
-    finally:
-        handle.remove()
-    meta = {"samples": samples, "seed": seed, "guidance": guidance}
-    return build_profile(pipe.transformer, model_name, q, trajectory, steps, warmup, meta)
+    """OmniCache (trajectory) profile of `model` from one recorded generation: q at every step, and the
+    trajectory from the model's inputs (plus the final latent when the generation returns it)."""
+    recorder, result = record(model, OmniCacheCalibrationConfig(), generation)
+    states = trajectory(recorder, result, generation.num_steps)
+    meta = {**generation.meta, "samples": states[0].shape[0], "guidance": generation.guidance}
+    name = model_name or type(model).__name__
+    return build_profile(model, name, recorder.q, states, generation.num_steps, warmup, meta)
 
 
 def build_profile(
@@ -109,10 +101,10 @@ def build_profile(
 ) -> Profile:
     """Profile from a calibration run's noise measurements and recorded states x_0..x_N (any sampler:
     flow matching or epsilon prediction, the geometry and q are taken as they come)."""
-    if len(trajectory) != steps + 1:
-        raise ValueError(f"trajectory must hold steps + 1 = {steps + 1} states, got {len(trajectory)}")
+    if len(trajectory) not in (steps, steps + 1):
+        raise ValueError(f"trajectory must hold steps + 1 = {steps + 1} states (or {steps}), got {len(trajectory)}")
     gamma = noise_gamma(q, steps)
-    step_curvature = trajectory_curvature(trajectory)
+    step_curvature = trajectory_curvature(trajectory, steps)
     schedules = {
         speed: list(select_reuse_steps(step_curvature, fraction, warmup)) for speed, fraction in SPEED_FRACTIONS.items()
     }

@@ -2,7 +2,9 @@
 
 The model identity is a fingerprint of the class, its config and a sample of its weights, so a profile
 made for another model (or another checkpoint of the same architecture) is refused with a clear error.
-Profiles are never pickled. `find_profile` looks in $DITCACHE_PROFILE_DIR (when set), then in the shipped ones.
+Profiles are never pickled. `find_profile` looks in the user profile directory (`user_profile_dir()`:
+$DITCACHE_PROFILE_DIR, else ~/.cache/ditcache/profiles or $XDG_CACHE_HOME/ditcache/profiles), where
+`ditcache.calibrate` saves, then in the profiles shipped with the package.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
-PROFILE_DIR_ENV = "DITCACHE_PROFILE_DIR"  # a directory searched before the shipped profiles
+PROFILE_DIR_ENV = "DITCACHE_PROFILE_DIR"  # overrides the user profile directory
 
 
 class ProfileMismatchError(ValueError):
@@ -89,15 +92,25 @@ class Profile:
             )
 
 
+def user_profile_dir() -> Path:
+    """Where calibrated profiles are saved and looked up first: $DITCACHE_PROFILE_DIR when set, else
+    `ditcache/profiles` under the user's cache directory ($XDG_CACHE_HOME, default ~/.cache)."""
+    override = os.environ.get(PROFILE_DIR_ENV, "").strip()
+    if override:
+        return Path(override).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
+    return Path(cache).expanduser() / "ditcache" / "profiles"
+
+
 def profile_dirs() -> list[Path]:
-    """Where `find_profile` looks, in order: the directory named by $DITCACHE_PROFILE_DIR (when set), then the
-    profiles shipped with the package."""
-    dirs = []
-    extra = os.environ.get(PROFILE_DIR_ENV, "").strip()
-    if extra:
-        dirs.append(Path(extra).expanduser())
-    dirs.append(PROFILE_DIR)
-    return dirs
+    """Where `find_profile` looks, in order: the user profile directory, then the shipped profiles."""
+    return [user_profile_dir(), PROFILE_DIR]
+
+
+def save_user_profile(profile: Profile) -> Path:
+    """Save `profile` in the user profile directory under a name unique per method, model and step count."""
+    name = f"{profile.method}-{profile.model_name}-{profile.fingerprint}-{profile.num_steps}.json"
+    return profile.save(user_profile_dir() / name)
 
 
 def find_profile(method: str, model: torch.nn.Module, num_steps: int, directory: str | Path | None = None) -> Profile:
@@ -109,7 +122,11 @@ def find_profile(method: str, model: torch.nn.Module, num_steps: int, directory:
     for folder in dirs:
         found = []
         for path in sorted(folder.glob(f"{method}-*.json")):
-            profile = Profile.load(path)
+            try:
+                profile = Profile.load(path)
+            except (ValueError, TypeError, OSError) as error:  # one unreadable file must not hide the others
+                warnings.warn(f"skipping unreadable profile {path}: {error}", stacklevel=2)
+                continue
             if profile.method != method:  # "omnicache-*.json" also matches another method's files
                 continue
             found.append(f"{profile.model_name}@{profile.num_steps}")
@@ -119,6 +136,7 @@ def find_profile(method: str, model: torch.nn.Module, num_steps: int, directory:
         searched.append(f"{folder} ({what})")
     raise ProfileMismatchError(
         f"no {method} profile for this {type(model).__name__} (fingerprint {fingerprint}) at {num_steps} steps; "
-        f"searched: {'; '.join(searched)}. Calibrate with `ditcache calibrate {method} --model ... "
-        f"--steps {num_steps}` and pass profile=<path>, or save it in ${PROFILE_DIR_ENV}"
+        f"searched: {'; '.join(searched)}. Make one with `ditcache.calibrate(pipe_or_model, {method!r}, "
+        f"num_steps={num_steps}, ...)` (or `ditcache calibrate {method} --model ref-... --steps {num_steps}` for a "
+        f"reference model): it is saved in {user_profile_dir()} and found from then on"
     )

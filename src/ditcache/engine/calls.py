@@ -93,11 +93,14 @@ class ForwardCall:
     def hidden_states(self) -> torch.Tensor:
         return self.arguments[self.engine.adapter.hidden_states_arg]
 
-    def run(self) -> Any:
-        """Compute this forward (blocks go through the policy's block hook when it has one).
+    def run(self, **replacements: Any) -> Any:
+        """Compute this forward (blocks go through the policy's block hook when it has one), optionally with
+        some arguments replaced by name (same shapes; calibration replays recorded inputs this way).
 
         A policy may call it more than once (e.g. a cheap variant with cached submodules first); every
         pass is counted in stats and MACs."""
+        if replacements:
+            return self._pass(*self._bound.replaced(replacements))
         return self._pass(self._bound.args, self._bound.kwargs)
 
     def _pass(self, args: tuple, kwargs: dict[str, Any]) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -19,6 +20,10 @@ from .models import RefModel, RefModelSpec, get_spec
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CFG_MODES = ("separate", "batched")
+
+
+if TYPE_CHECKING:
+    from ..calibration.record import CalibrationRun
 
 
 class RefPipeline:
@@ -92,6 +97,19 @@ class RefPipeline:
             if return_trajectory:
                 trajectory.append(x.clone())
         return (x, trajectory) if return_trajectory else x
+
+    def calibration_run(self, num_steps: int, samples: int, seed: int = 1, guidance: float = 4.0) -> CalibrationRun:
+        """One calibration generation for `ditcache.calibrate`: `samples` labels cycling through the classes,
+        CFG as separate cond / uncond forwards; returns the final sample in the transformer's input layout."""
+        from ..calibration.record import CalibrationRun
+
+        labels = torch.arange(samples) % self.spec.num_classes
+
+        def run() -> torch.Tensor:
+            x = self(labels, num_inference_steps=num_steps, guidance_scale=guidance, seed=seed)
+            return self.model.model_inputs(x, labels)["hidden_states"]
+
+        return CalibrationRun(run, num_steps, guidance, {"samples": samples, "seed": seed, "guidance": guidance})
 
     def _predict(
         self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor, branch: tuple | None
