@@ -27,7 +27,121 @@ def _calibration_method(name: str) -> str:
     return name
 
 
+def _model_or_pipeline(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--model ref-...` or `--pipeline SPEC` (with `--prompts FILE` and repeated `--call key=value`)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model", default=None, choices=("ref-image", "ref-video"), help="reference model (default ref-image)"
+    )
+    source.add_argument(
+        "--pipeline",
+        metavar="SPEC",
+        default=None,
+        help=f"{what} your own diffusers pipeline: a folder saved with save_pretrained (loaded on the CPU, "
+        "never downloaded), or a factory `module.path:factory` / `path/to/file.py:factory` returning it",
+    )
+    parser.add_argument("--prompts", metavar="FILE", default=None, help="with --pipeline: one prompt per line")
+    parser.add_argument(
+        "--call",
+        metavar="KEY=VALUE",
+        action="append",
+        default=None,
+        help="with --pipeline: an extra pipeline call argument, repeatable (values as Python literals, else "
+        "strings), e.g. --call negative_prompt=blurry --call true_cfg_scale=3.0 --call height=512",
+    )
+
+
+def _reference_model(args: argparse.Namespace) -> str:
+    """The reference-model path: refuse the --pipeline-only options, default the model."""
+    for option in ("prompts", "call"):
+        if getattr(args, option) is not None:
+            raise ValueError(f"--{option} needs --pipeline SPEC (reference models are sampled by class label)")
+    args.model = args.model or "ref-image"
+    return args.model
+
+
+def _user_pipeline(args: argparse.Namespace) -> tuple:
+    """(pipeline, prompts, call arguments) of a --pipeline command; cheap checks before loading the model."""
+    from .userpipe import load_pipeline, pipeline_kwargs, read_prompts
+
+    if args.prompts is None:
+        raise ValueError("--pipeline needs --prompts FILE (one prompt per line, # comments)")
+    call = pipeline_kwargs(args.call)
+    prompts = read_prompts(args.prompts)
+    return load_pipeline(args.pipeline), prompts, call
+
+
+def _generate_pipeline(args: argparse.Namespace) -> int:
+    """Uncached, cached with --policy, and uncached with fewer steps at the cached run's MACs speedup."""
+    from pathlib import Path
+
+    from . import apply
+    from .metrics.quality import psnr
+    from .userpipe import generate
+    from .visual import image_grid, save_samples
+
+    pipe, prompts, call = _user_pipeline(args)
+    print(f"{args.pipeline}: {type(pipe).__name__}, {len(prompts)} prompts, {args.steps} steps, policy {args.policy}")
+
+    def timed(label: str, steps: int) -> tuple[torch.Tensor, float]:
+        print(f"{label}: {steps} steps")
+        start = time.perf_counter()
+        out = generate(pipe, prompts, steps, args.seed, call)
+        return out, time.perf_counter() - start
+
+    timed("warm-up (untimed)", min(2, args.steps))
+    reference, base_seconds = timed("uncached", args.steps)
+    rows, seconds, quality, stats = [reference], {"uncached": base_seconds}, {}, None
+    if args.policy != "none":
+        handle = apply(pipe, args.policy)
+        try:
+            cached, seconds["cached"] = timed(f"cached ({args.policy})", args.steps)
+            stats = handle.stats()
+        finally:
+            handle.remove()
+        macs_speedup = stats.last.macs_speedup
+        fewer = max(1, min(args.steps, round(args.steps / macs_speedup)))
+        label = f"uncached, fewer steps at the same MACs speedup ({macs_speedup:.2f}x)"
+        fewer_out, seconds["fewer"] = timed(label, fewer)
+        rows += [cached, fewer_out]
+        quality = {"cached": psnr(cached, reference), f"fewer steps ({fewer})": psnr(fewer_out, reference)}
+        print(f"uncached: {base_seconds:.2f} s")
+        print(
+            f"cached ({args.policy}): {seconds['cached']:.2f} s, wall-clock speedup "
+            f"{base_seconds / seconds['cached']:.2f}x, MACs speedup {macs_speedup:.2f}x"
+        )
+        print(
+            f"fewer steps ({fewer}): {seconds['fewer']:.2f} s, wall-clock speedup "
+            f"{base_seconds / seconds['fewer']:.2f}x, MACs speedup {args.steps / fewer:.2f}x"
+        )
+        print(stats.summary())
+        print("PSNR vs uncached: " + ", ".join(f"{k} {v:.2f} dB" for k, v in quality.items()))
+    else:
+        print(f"uncached: {base_seconds:.2f} s")
+    samples = torch.cat(rows)
+    if samples.ndim == 4:  # one row per run (uncached / cached / fewer steps), one column per image
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(samples, columns=reference.shape[0]).save(out)
+        written = [out]
+    else:
+        written = save_samples(samples, args.out)  # videos: one strip row per video
+    print(f"wrote {', '.join(str(p) for p in written)} (rows: " + ", ".join(["uncached", *quality][: len(rows)]) + ")")
+    if args.json:
+        payload = {
+            "seconds": seconds,
+            "psnr": quality,
+            "stats": stats.to_dict() if stats else None,
+            "files": [str(p) for p in written],
+        }
+        print(json.dumps(payload, indent=2, default=float))
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.pipeline is not None:
+        return _generate_pipeline(args)
+    _reference_model(args)
     from . import apply
     from .refmodels import RefPipeline, get_spec
     from .refmodels.evaluate import balanced_labels, score
@@ -99,6 +213,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     policies = split_policies(args.policies) if args.policies is not None else DEFAULT_POLICIES
     fewer = tuple(int(n) for n in args.fewer_steps.split(",")) if args.fewer_steps else None
+    if args.pipeline is not None:
+        return _bench_pipeline(args, policies, fewer)
+    _reference_model(args)
     config = BenchConfig(
         model=args.model,
         steps=args.steps,
@@ -114,6 +231,34 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(f"machine: {result.machine}")
     print(markdown_table(result))
     for path in write_files(result, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _bench_pipeline(args: argparse.Namespace, policies: tuple[str, ...], fewer: tuple[int, ...] | None) -> int:
+    from .bench.user import markdown_table, run_user_bench, write_user_files
+
+    pipe, prompts, call = _user_pipeline(args)
+    result = run_user_bench(
+        pipe,
+        prompts,
+        steps=args.steps,
+        policies=policies,
+        call=call,
+        repeats=args.repeats,
+        seed=args.seed,
+        fewer_steps=fewer,
+        peers=args.peers,
+        name=args.pipeline,
+    )
+    print(f"machine: {result.machine}")
+    print(
+        f"{args.pipeline}: {len(prompts)} prompts, {args.steps} steps; MACs of one whole pipeline call, "
+        "PSNR/SSIM vs the uncached images"
+    )
+    print(markdown_table(result))
+    meta = {"pipeline": args.pipeline, "prompts": prompts, "call": call}
+    for path in write_user_files(result, args.out, meta):
         print(f"wrote {path}")
     return 0
 
@@ -136,26 +281,11 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from . import calibrate
-    from .calibration.profiles import PROFILE_DIR
-    from .refmodels import RefPipeline
-
-    pipe = RefPipeline.from_pretrained(args.model)
-    generation = pipe.calibration_run(args.steps, args.samples, seed=args.seed)
-    profile = calibrate(
-        pipe.transformer, args.method, num_steps=args.steps, run=generation.run, guidance=generation.guidance,
-        seed=args.seed, name=args.model, save=False,
-    )
-    profile.data.update(generation.meta)
-    out = Path(args.out) if args.out else PROFILE_DIR / f"{args.method}-{args.model}-{args.steps}.json"
-    profile.save(out)
-    data = profile.data
-    if args.method == "omnicache-trajectory":
-        for speed, steps in data["schedules"].items():
-            print(f"{speed}: reuse {len(steps)}/{args.steps} steps: {steps}")
+def _print_profile_summary(method: str, data: dict, steps: int) -> None:
+    """What a calibration measured: OmniCache's schedules and gammas, MixCache's thresholds and impacts."""
+    if method == "omnicache-trajectory":
+        for speed, reused in data["schedules"].items():
+            print(f"{speed}: reuse {len(reused)}/{steps} steps: {reused}")
         print("gamma: " + ", ".join(f"{g:.2f}" for g in data["gamma"]))
     else:
         print(
@@ -166,6 +296,64 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             f"impact: step {data['impact_step']:.4f}, cfg {data['impact_cfg']:.4f}, blocks (mean) "
             + ", ".join(f"{k}: {sum(v) / len(v):.4f}" for k, v in data["impact_block"].items())
         )
+
+
+CALIBRATED_PRESETS = {
+    "mixcache": "mixcache-acc / mixcache-eff",
+    "omnicache-trajectory": "omnicache-traj-slow / -fast",
+}
+
+
+def _calibrate_pipeline(args: argparse.Namespace) -> int:
+    from . import calibrate
+    from .calibration.profiles import user_profile_dir
+
+    if args.out is not None:
+        raise ValueError(
+            f"--out is for reference models; a --pipeline profile is saved in the user profile directory "
+            f"({user_profile_dir()}; set $DITCACHE_PROFILE_DIR to change it), where ditcache.apply finds it"
+        )
+    pipe, prompts, call = _user_pipeline(args)
+    print(
+        f"calibrating {args.method} on {type(pipe).__name__} ({type(pipe.transformer).__name__}), {args.steps} steps, "
+        f"{len(prompts)} prompts: recording generations follow, each with the pipeline's progress bar"
+    )
+    profile = calibrate(
+        pipe, args.method, num_steps=args.steps, prompts=prompts, guidance=args.guidance, seed=args.seed, **call
+    )
+    data = profile.data
+    print(f"measured on {data.get('samples', len(prompts))} samples, guidance {data.get('guidance')}:")
+    _print_profile_summary(args.method, data, args.steps)
+    print(f"saved {data['saved_to']}")
+    print(
+        f"use it: ditcache.apply(pipe, preset) with preset {CALIBRATED_PRESETS.get(args.method, args.method)}, "
+        f"then pipe(..., num_inference_steps={args.steps})"
+    )
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import calibrate
+    from .calibration.profiles import PROFILE_DIR
+    from .refmodels import RefPipeline
+
+    if args.pipeline is not None:
+        return _calibrate_pipeline(args)
+    _reference_model(args)
+    if args.guidance is not None:
+        raise ValueError("--guidance needs --pipeline SPEC (reference models calibrate at their own scale)")
+    pipe = RefPipeline.from_pretrained(args.model)
+    generation = pipe.calibration_run(args.steps, args.samples, seed=args.seed)
+    profile = calibrate(
+        pipe.transformer, args.method, num_steps=args.steps, run=generation.run, guidance=generation.guidance,
+        seed=args.seed, name=args.model, save=False,
+    )
+    profile.data.update(generation.meta)
+    out = Path(args.out) if args.out else PROFILE_DIR / f"{args.method}-{args.model}-{args.steps}.json"
+    profile.save(out)
+    _print_profile_summary(args.method, profile.data, args.steps)
     print(f"wrote {out}")
     return 0
 
@@ -216,8 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditcache", description="Feature caching for diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="sample a reference model with a caching policy and score the result")
-    gen.add_argument("--model", default="ref-image", choices=("ref-image", "ref-video"))
+    gen = sub.add_parser(
+        "generate", help="sample a reference model or your pipeline with a caching policy and score the result"
+    )
+    _model_or_pipeline(gen, "generate with")
     gen.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     gen.add_argument("--policy", default="none", help="preset name; `ditcache presets` lists them (default none)")
     gen.add_argument("--samples", type=int, default=16, help="number of samples, classes cycled (default 16)")
@@ -239,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_cmd_train_ref)
 
     bench = sub.add_parser("bench", help="policies vs fewer steps vs peers: speed and quality in one run")
-    bench.add_argument("--model", default="ref-image", choices=("ref-image", "ref-video"))
+    _model_or_pipeline(bench, "benchmark")
     bench.add_argument("--steps", type=int, default=50)
     bench.add_argument(
         "--policies",
@@ -265,14 +455,22 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--out", default="analysis-out")
     an.set_defaults(func=_cmd_analyze)
 
-    cal = sub.add_parser("calibrate", help="offline calibration of a method on a reference model (JSON profile)")
+    cal = sub.add_parser(
+        "calibrate", help="offline calibration of a method on a reference model or your pipeline (JSON profile)"
+    )
     cal.add_argument(
         "method",
         type=_calibration_method,
         choices=CALIBRATION_METHODS,
         help="omnicache-trajectory (presets omnicache-traj-slow/fast; formerly `omnicache`) or mixcache",
     )
-    cal.add_argument("--model", default="ref-image", choices=("ref-image", "ref-video"))
+    _model_or_pipeline(cal, "calibrate on")
+    cal.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="with --pipeline: the CFG scale (default: from --call true_cfg_scale= or guidance_scale=)",
+    )
     cal.add_argument("--steps", type=int, default=50)
     cal.add_argument("--samples", type=int, default=8)
     cal.add_argument("--seed", type=int, default=1)

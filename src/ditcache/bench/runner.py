@@ -134,6 +134,20 @@ def _run_bench(config: BenchConfig, pipe: Any, progress: bool) -> BenchResult:
             cfg_mode=config.cfg_mode,
         )
 
+    return run_variants(
+        config, pipe, run_for, lambda out, ref: score(config.model, out, labels, ref), progress=progress
+    )
+
+
+def run_variants(
+    config: BenchConfig,
+    pipe: Any,
+    run_for: Callable[[int], Callable[[], Any]],
+    score_fn: Callable[[Any, Any], dict[str, float]],
+    progress: bool = True,
+) -> BenchResult:
+    """Time, count and score every variant of `config` on any pipeline: `run_for(steps)` is one generation,
+    `score_fn(output, uncached_output)` its quality metrics (Row field names). Call under `torch.no_grad()`."""
     variants = build_variants(config, pipe, run_for)
     rows = {v.label: Row(v.label, v.kind, v.steps) for v in variants}
     times: dict[str, list[float]] = {v.label: [] for v in variants}
@@ -190,7 +204,7 @@ def _run_bench(config: BenchConfig, pipe: Any, progress: bool) -> BenchResult:
         row.speedup = base_seconds / row.seconds
         row.macs_speedup = base.macs / row.macs if row.macs else float("nan")
         row.efficiency = row.speedup / row.macs_speedup
-        metrics = score(config.model, outputs[v.label], labels, reference)
+        metrics = score_fn(outputs[v.label], reference)
         for key, value in metrics.items():
             setattr(row, key, value)
     return BenchResult(config=config, rows=list(rows.values()), machine=_machine())
