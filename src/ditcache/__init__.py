@@ -10,6 +10,7 @@ from . import policies  # noqa: F401  (registers policies and presets)
 from .adapters import BlockListSpec, LatentGrid, ModelAdapter, register_adapter, supported_models
 from .api import apply
 from .calibration.api import calibrate
+from .calibration.tune import TuneResult, tune
 from .config import PolicyConfig
 from .engine import BranchState, CacheHandle, ForwardInfo, ModelView, Stats
 from .policies import (
@@ -22,11 +23,13 @@ from .policies import (
     StaticIntervalConfig,
     TeaCacheConfig,
 )
-from .registry import parse_policy, preset, presets, register_policy, register_preset
+from .policies.auto import AutoConfig
+from .registry import config_from_dict, parse_policy, preset, presets, register_policy, register_preset
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoConfig",
     "BlockListSpec",
     "BranchState",
     "CacheHandle",
@@ -44,8 +47,10 @@ __all__ = [
     "StaticIntervalConfig",
     "Stats",
     "TeaCacheConfig",
+    "TuneResult",
     "apply",
     "calibrate",
+    "config_from_dict",
     "parse_policy",
     "preset",
     "presets",
@@ -53,4 +58,5 @@ __all__ = [
     "register_policy",
     "register_preset",
     "supported_models",
+    "tune",
 ]

@@ -86,6 +86,9 @@ def apply(target: Any, config: PolicyConfig | str) -> CacheHandle:
         raise TypeError(f"config must be a PolicyConfig or a preset name, got {type(config).__name__}")
     model, scheduler = _resolve_target(target)
     adapter = adapter_for(model)
+    config = config.resolve(model)  # e.g. "auto:speedup=2" -> the config tuned for this model
+    if not isinstance(config, PolicyConfig):
+        raise TypeError(f"resolve() must return a PolicyConfig, got {type(config).__name__}")
     policy = policy_for(config)(config, adapter)
     engine = Engine(model, adapter, policy, scheduler)
     engine.install()

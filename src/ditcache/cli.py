@@ -358,6 +358,51 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    """Measure candidate configs on one generation, print the table, save the winner as `auto:speedup=N`."""
+    from .calibration.tune import TuneError, tune
+
+    candidates = split_policies(args.candidates) if args.candidates else None
+    options = dict(speedup=args.speedup, num_steps=args.steps, candidates=candidates)
+    if args.pipeline is not None:
+        if args.out is not None:
+            raise ValueError("--out is for reference models; a --pipeline tune is saved in the user profile directory")
+        pipe, prompts, call = _user_pipeline(args)
+        print(
+            f"tuning {type(pipe).__name__} ({type(pipe.transformer).__name__}) for a {args.speedup:g}x MACs speedup "
+            f"at {args.steps} steps on {len(prompts)} prompts: one generation per candidate follows"
+        )
+        target, options = pipe, dict(options, prompts=prompts, guidance=args.guidance, seed=args.seed or 0, **call)
+        use = f"ditcache.apply(pipe, 'auto:speedup={args.speedup:g}'), then pipe(..., num_inference_steps={args.steps})"
+    else:
+        from .refmodels import RefPipeline
+
+        _reference_model(args)
+        if args.guidance is not None:
+            raise ValueError("--guidance needs --pipeline SPEC (reference models sample at their own scale)")
+        pipe = RefPipeline.from_pretrained(args.model)
+        seed = 1 if args.seed is None else args.seed  # the seed of the shipped calibrations
+
+        def run(num_steps: int = args.steps) -> torch.Tensor:
+            return pipe.calibration_run(num_steps, args.samples, seed=seed).run()
+
+        print(f"tuning {args.model} for a {args.speedup:g}x MACs speedup at {args.steps} steps, {args.samples} samples")
+        guidance = pipe.calibration_run(args.steps, args.samples, seed=seed).guidance
+        target = pipe.transformer
+        options = dict(options, run=run, guidance=guidance, seed=seed, name=args.model, out=args.out)
+        use = f"ditcache generate --model {args.model} --steps {args.steps} --policy auto:speedup={args.speedup:g}"
+    try:
+        result = tune(target, **options)
+    except TuneError as error:
+        print(error.result.table())
+        raise
+    print(result.table())
+    print(f"winner: {result.spec} ({result.winner.macs_speedup:.2f}x MACs, PSNR {result.winner.psnr:.2f} dB)")
+    print(f"saved {result.saved_to}")
+    print(f"use it: {use}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .refmodels.evaluate import reference_report
 
@@ -476,6 +521,26 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--seed", type=int, default=1)
     cal.add_argument("--out", default=None, help="profile path (default: the package's shipped profiles)")
     cal.set_defaults(func=_cmd_calibrate)
+
+    tune = sub.add_parser(
+        "tune", help="pick the best config at a MACs speedup on a reference model or your pipeline (auto:speedup=N)"
+    )
+    _model_or_pipeline(tune, "tune on")
+    tune.add_argument("--steps", type=int, default=50, help="sampling steps (the tuned profile is per step count)")
+    tune.add_argument("--speedup", type=float, required=True, help="MACs speedup to reach, > 1 (e.g. 2)")
+    tune.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="with --pipeline: the CFG scale (default: from --call true_cfg_scale= or guidance_scale=)",
+    )
+    tune.add_argument("--samples", type=int, default=8, help="reference models: samples, classes cycled (default 8)")
+    tune.add_argument("--seed", type=int, default=None, help="generator seed (default 0; reference models 1)")
+    tune.add_argument(
+        "--candidates", default=None, help="comma-separated presets with overrides (default: every preset + a grid)"
+    )
+    tune.add_argument("--out", default=None, help="reference models: profile path (default: user profile directory)")
+    tune.set_defaults(func=_cmd_tune)
 
     ev = sub.add_parser("evaluate", help="quality of a reference model at several step counts (uncached)")
     ev.add_argument("model", choices=("ref-image", "ref-video"))

@@ -27,6 +27,12 @@ class PolicyConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def resolve(self, model: Any) -> PolicyConfig:
+        """The config to run on `model` (the transformer), called by `ditcache.apply` before the policy lookup.
+        A config that stands for another one (`AutoConfig`: the winner tuned for this model) returns it; most
+        configs return themselves."""
+        return self
+
 
 def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):

@@ -7,7 +7,7 @@ registers itself with `register_policy` and `apply` finds it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import PolicyConfig
 
@@ -85,3 +85,39 @@ def parse_policy(spec: str) -> PolicyConfig:
         return config.replace(**changes) if changes else config
     except TypeError as error:
         raise ValueError(f"{spec!r}: {error}") from None
+
+
+def config_types() -> dict[str, type[PolicyConfig]]:
+    """Every registered config type by class name: those with a policy and those behind a preset."""
+    types = {cls.__name__: cls for cls in _POLICIES}
+    for factory in _PRESETS.values():
+        cls = type(factory())
+        types.setdefault(cls.__name__, cls)
+    return types
+
+
+def config_from_dict(data: dict[str, Any]) -> PolicyConfig:
+    """The config `PolicyConfig.to_dict()` describes (e.g. read back from JSON): `"policy"` names the registered
+    config class, the other keys are its fields (missing ones take their defaults); JSON lists become tuples for
+    tuple fields. Validated like any config."""
+    import dataclasses
+
+    if not isinstance(data, dict) or not isinstance(data.get("policy"), str):
+        raise ValueError(f"a config dict needs a 'policy' key naming the config class, got {data!r}")
+    types = config_types()
+    name = data["policy"]
+    if name not in types:
+        raise ValueError(f"unknown config class {name!r}; registered: {', '.join(sorted(types))}")
+    cls = types[name]
+    fields = {field.name: field for field in dataclasses.fields(cls) if field.init}
+    unknown = sorted(set(data) - set(fields) - {"policy"})
+    if unknown:
+        raise ValueError(f"{name} has no field(s) {unknown}; its fields: {', '.join(fields)}")
+    values = {}
+    for key, value in data.items():
+        if key == "policy":
+            continue
+        if isinstance(value, list) and "tuple" in str(fields[key].type):
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        values[key] = value
+    return cls(**values)

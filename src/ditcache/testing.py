@@ -220,7 +220,24 @@ def tiny_omnicache_trajectory_profile(model: torch.nn.Module, num_steps: int) ->
     )
 
 
+def tiny_auto_profile(model: torch.nn.Module, num_steps: int) -> Profile:
+    """auto (`ditcache.tune`'s profile): FORA-2 as the winner at the default speedup of `AutoConfig` (2x), as if
+    tuned; FORA-2 reuses block residuals on every tiny model."""
+    from .policies.auto import AutoConfig
+    from .registry import preset
+
+    return Profile(
+        method="auto",
+        model_name=f"tiny-{type(model).__name__}",
+        fingerprint=model_fingerprint(model),
+        num_steps=num_steps,
+        data={"synthetic": True, "speedup": AutoConfig().speedup, "config": preset("fora-2").to_dict(),
+              "spec": "fora-2", "candidates": []},
+    )
+
+
 TINY_PROFILE_MAKERS: dict[str, Callable[[torch.nn.Module, int], Profile]] = {
+    "auto": tiny_auto_profile,
     "mixcache": tiny_mixcache_profile,
     "omnicache-trajectory": tiny_omnicache_trajectory_profile,
 }
