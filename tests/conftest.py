@@ -35,3 +35,13 @@ def setup(family):
     model = tiny_model(family)
     inputs = tiny_inputs(family, batch=2)
     return family, model, inputs, uncond_inputs(inputs)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For files of many tiny-model runs: they are fastest on one thread, and on a loaded machine several threads
+    per process make them 20-100x slower (oversubscription). Use with `pytest.mark.usefixtures`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -57,7 +57,7 @@ def test_calibrate_a_hand_written_loop_then_apply_finds_the_profile(method, fami
 def test_calibrate_refuses_bad_input_clearly():
     model = tiny_model("wan")
     with pytest.raises(ValueError, match="method must be one of"):
-        ditcache.calibrate(model, "teacache", num_steps=8, run=lambda: None)
+        ditcache.calibrate(model, "fora", num_steps=8, run=lambda: None)
     with pytest.raises(ValueError, match="num_steps must be an integer >= 2"):
         ditcache.calibrate(model, "mixcache", num_steps=1, run=lambda: None)
     with pytest.raises(ValueError, match="needs run="):
@@ -95,3 +95,47 @@ def test_calibrate_docstring_example_runs(tmp_path, monkeypatch):
     for test in tests:
         runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def test_threshold_rules_follow_the_accumulate_and_reset_rule():
+    from ditcache.calibration.thresholds import calibrated_threshold, reused_steps, reused_steps_since_computed
+
+    values = [None, 0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+    assert reused_steps(values, 0.25, warmup=1) == [2, 3, 5, 6]  # 0.3 computes; 0.1+0.1 < .25; reset at 0.3
+    assert reused_steps(values, 0.05, warmup=1) == []
+    threshold = calibrated_threshold({"values": values}, 8, 0.5, warmup=1)
+    assert len(reused_steps(values, threshold, 1)) == 4 and len(reused_steps(values, threshold * 0.99, 1)) < 4
+    assert len(reused_steps(values, calibrated_threshold({"values": values}, 8, 0.9, 1), 1)) == 7  # all after warm-up
+    # Against the last computed step the value grows with the lag: lag 1 costs 0.1, lag 2 0.3, lag 3 0.6.
+    by_lag = {1: [None] + [0.1] * 7, 2: [None, None] + [0.3] * 6, 3: [None] * 3 + [0.6] * 5}
+    assert reused_steps_since_computed(by_lag, 0.45, warmup=1) == [1, 2, 4, 5, 7]  # 0.1, 0.1+0.3; then 0.6 > .45
+    threshold = calibrated_threshold({"by_lag": {str(k): v for k, v in by_lag.items()}}, 8, 0.25, warmup=1)
+    assert len(reused_steps_since_computed(by_lag, threshold, 1)) >= 2
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+@pytest.mark.parametrize(("method", "preset"), [("teacache", "teacache-2x"), ("precisecache", "precisecache-2x")])
+def test_calibrated_thresholds_reuse_the_target_share_on_any_model(method, preset, family, tmp_path, monkeypatch):
+    """A threshold-based preset means about the same speed on every model: the calibrated threshold reuses
+    about half of the steps on two unrelated tiny models."""
+    monkeypatch.setenv("DITCACHE_PROFILE_DIR", str(tmp_path))
+    steps = 12
+    model = tiny_model(family, seed=5)
+    loop = _loop(model, family, steps=steps)
+    with pytest.raises(ProfileMismatchError, match=f"'{method}'"):
+        handle = ditcache.apply(model, preset)
+        try:
+            with handle.generation(num_steps=steps):
+                loop(handle)
+        finally:
+            handle.remove()
+    profile = ditcache.calibrate(model, method, num_steps=steps, run=loop, guidance=3.0)
+    assert len(profile.data["values"]) == steps and profile.data["values"][1] is not None
+    handle = ditcache.apply(model, preset)
+    with handle.generation(num_steps=steps):
+        out = loop(handle)
+    stats = handle.stats().last
+    handle.remove()
+    assert torch.isfinite(out).all()
+    skipped_steps = stats.blocks_computed.count(0.0) / 2  # forwards reused whole or with every block skipped
+    assert 4 <= skipped_steps <= 7  # ~50% of 12, within the decision noise of the real run

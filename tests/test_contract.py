@@ -66,14 +66,7 @@ def _model(family: str) -> torch.nn.Module:
     return tiny_model(family)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models run fastest on one thread, and on a loaded machine several threads per process make
-    this file 20-100x slower (oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

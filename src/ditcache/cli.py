@@ -15,7 +15,7 @@ import torch
 
 from .registry import presets
 
-CALIBRATION_METHODS = ("omnicache-trajectory", "mixcache")
+CALIBRATION_METHODS = ("omnicache-trajectory", "mixcache", "teacache", "precisecache")
 
 
 def _calibration_method(name: str) -> str:
@@ -287,6 +287,9 @@ def _print_profile_summary(method: str, data: dict, steps: int) -> None:
         for speed, reused in data["schedules"].items():
             print(f"{speed}: reuse {len(reused)}/{steps} steps: {reused}")
         print("gamma: " + ", ".join(f"{g:.2f}" for g in data["gamma"]))
+    elif method in ("teacache", "precisecache"):
+        values = ", ".join("-" if v is None else f"{v:.4f}" for v in data["values"])
+        print(f"per-step {'rel-L1 of the modulated input' if method == 'teacache' else 'LFD'}: {values}")
     else:
         print(
             f"theta {data['theta']:.4f}, delta1 {data['delta1']:.4f}, delta2 {data['delta2']:.4f}, "
@@ -301,6 +304,8 @@ def _print_profile_summary(method: str, data: dict, steps: int) -> None:
 CALIBRATED_PRESETS = {
     "mixcache": "mixcache-acc / mixcache-eff",
     "omnicache-trajectory": "omnicache-traj-slow / -fast",
+    "teacache": "teacache-2x / teacache-3x",
+    "precisecache": "precisecache-2x / precisecache-3x",
 }
 
 
@@ -558,9 +563,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(getattr(args, "steps", None), int) and args.steps < 1:
         print("ditcache: --steps must be a positive integer", file=sys.stderr)
         return 2
-    torch.set_grad_enabled(False) if args.command == "generate" else None
     try:
-        return args.func(args)
+        # Only training needs autograd; restored on return (main may run in-process, e.g. in tests).
+        with torch.set_grad_enabled(args.command == "train-ref"):
+            return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as error:
         print(f"ditcache: {error}", file=sys.stderr)
         return 2

@@ -220,6 +220,28 @@ def tiny_omnicache_trajectory_profile(model: torch.nn.Module, num_steps: int) ->
     )
 
 
+def tiny_threshold_profile(method: str) -> Callable[[torch.nn.Module, int], Profile]:
+    """TeaCache / PreciseCache: a real calibration (their statistic's scale is what matters) on an Euler + CFG
+    loop over `tiny_inputs` of the model's family, not saved."""
+
+    def make(model: torch.nn.Module, num_steps: int) -> Profile:
+        from .calibration.api import calibrate
+
+        family = {FluxTransformer2DModel: "flux", SD3Transformer2DModel: "sd3", WanTransformer3DModel: "wan"}[
+            type(model)
+        ]
+        inputs = tiny_inputs(family)
+        uncond = {k: v for k, v in inputs.items() if k != "hidden_states"}
+        uncond["encoder_hidden_states"] = torch.zeros_like(uncond["encoder_hidden_states"])
+
+        def run(handle: Any) -> torch.Tensor:
+            return euler_sample(model, family, inputs, num_steps, uncond, handle=handle)
+
+        return calibrate(model, method, num_steps=num_steps, run=run, guidance=3.0, save=False)
+
+    return make
+
+
 def tiny_auto_profile(model: torch.nn.Module, num_steps: int) -> Profile:
     """auto (`ditcache.tune`'s profile): FORA-2 as the winner at the default speedup of `AutoConfig` (2x), as if
     tuned; FORA-2 reuses block residuals on every tiny model."""
@@ -240,6 +262,8 @@ TINY_PROFILE_MAKERS: dict[str, Callable[[torch.nn.Module, int], Profile]] = {
     "auto": tiny_auto_profile,
     "mixcache": tiny_mixcache_profile,
     "omnicache-trajectory": tiny_omnicache_trajectory_profile,
+    "teacache": tiny_threshold_profile("teacache"),
+    "precisecache": tiny_threshold_profile("precisecache"),
 }
 
 

@@ -82,8 +82,9 @@ def record(
     config: Any,
     generation: CalibrationRun,
     prepare: Callable[[Any], Any] | None = None,
-) -> tuple[RecordingPolicy, Any]:
-    """Apply a recording config, run the generation once, remove it: (the policy with its records, the result).
+) -> tuple[Any, Any]:
+    """Apply a config that computes every step (a `RecordingPolicy`, or a method whose trace is wanted), run the
+    generation once, remove it: (the policy with its records, the generation's result).
     `prepare(policy)` runs before the generation (e.g. to hand it recorded inputs to replay)."""
     from ..api import apply
 
@@ -94,9 +95,10 @@ def record(
         with torch.no_grad(), handle.generation(num_steps=generation.num_steps):
             result = generation.run(handle) if takes_handle(generation.run) else generation.run()
         policy = handle.policy
+        records = handle.records()
+        steps = {r.step for r in records if r.generation == records[-1].generation} if records else set()
     finally:
         handle.remove()
-    steps = {step for _, step in policy.outputs}
     if steps != set(range(generation.num_steps)):
         raise ValueError(
             f"the calibration generation ran steps {sorted(steps)[:5]}...{sorted(steps)[-3:]} but num_steps is "

@@ -128,3 +128,21 @@ def run_and_store_residuals(call: BlockCall, store: dict[int, Residuals]) -> Any
     output = call.run()
     store[call.ref.position] = call.forward.store(call.residuals(inputs, call.outputs_of(output)))
     return output
+
+
+def calibrated_threshold(policy: Policy, call: ForwardCall, target_reuse: float, warmup: int) -> float:
+    """The accumulate-and-reset threshold that reuses `target_reuse` of the steps on this model, from its
+    calibration profile (method `policy.config.profile_method`, made by `ditcache.calibrate`)."""
+    from ..calibration import thresholds
+    from ..calibration.profiles import find_profile
+
+    num_steps = call.info.num_steps
+    method = policy.config.profile_method
+    if num_steps is None:
+        raise ValueError(
+            f"{method} with target_reuse needs the number of steps: use a pipeline or handle.generation(num_steps=...)"
+        )
+    model = policy.model_view.model
+    profile = find_profile(method, model, num_steps)
+    profile.check(method, model, num_steps)
+    return thresholds.calibrated_threshold(profile.data, num_steps, target_reuse, warmup)

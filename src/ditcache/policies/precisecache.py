@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -30,7 +30,7 @@ from ..engine.calls import BlockCall, ForwardCall
 from ..engine.latents import downsample, from_5d, to_5d
 from ..numerics import low_frequency
 from ..registry import register_policy, register_preset
-from .base import Policy, Residuals
+from .base import Policy, Residuals, calibrated_threshold
 from .static import OutputState, reuse_or_compute
 
 PAPER_DOWNSAMPLE_VIDEO = (2, 4, 4)
@@ -72,6 +72,11 @@ class PreciseCacheConfig(PolicyConfig):
             Share of the blocks BlockCache skips, in [0, 0.95]; 0 turns BlockCache off (no block hooks).
         block_cache_steps (`int`, defaults to `3`):
             L: the number of computed steps that reuse one block selection before it is refreshed; >= 1.
+        target_reuse (`float | None`, defaults to `None`):
+            Reuse about this share of the steps, in (0, 0.95]: delta is derived from the model's calibrated
+            per-step LFD (`ditcache.calibrate(model_or_pipe, "precisecache", num_steps=...)`) instead of
+            alpha x the warm-up LFD, which only fits some models (on others it never reuses). Presets
+            `precisecache-2x` (0.5) and `precisecache-3x` (0.67). None = the paper's rule.
 
     Example:
         >>> import ditcache
@@ -90,6 +95,7 @@ class PreciseCacheConfig(PolicyConfig):
         >>> handle.remove()
     """
 
+    profile_method: ClassVar[str] = "precisecache"  # only read with target_reuse set
     alpha: float = 0.5  # delta = alpha * max warm-up LFD; larger = more reuse
     warmup_steps: int = 3  # always computed; LFDs measured at steps 1..warmup_steps-1 set delta
     # (frames, height, width) pooling of the trial latent; None = the paper's 2x4x4 (video) / 4x4
@@ -98,6 +104,9 @@ class PreciseCacheConfig(PolicyConfig):
     radius: float = 0.2  # low-frequency mask radius as a fraction of min(H, W) of the trial grid
     block_cache_ratio: float = 0.0  # share of blocks skipped by BlockCache (0 = off)
     block_cache_steps: int = 3  # L: computed steps that reuse one block selection
+    # Reuse this share of the steps, with delta calibrated on the model (`ditcache.calibrate(...,
+    # "precisecache")`) instead of alpha x the warm-up LFD; None = the paper's rule.
+    target_reuse: float | None = None
 
     def __post_init__(self) -> None:
         check_float("alpha", self.alpha, 0.0, 100.0, low_open=True)
@@ -110,6 +119,8 @@ class PreciseCacheConfig(PolicyConfig):
         check_float("radius", self.radius, 0.0, 1.0, low_open=True)
         check_float("block_cache_ratio", self.block_cache_ratio, 0.0, 0.95)
         check_int("block_cache_steps", self.block_cache_steps, 1)
+        if self.target_reuse is not None:
+            check_float("target_reuse", self.target_reuse, 0.0, 0.95, low_open=True)
 
 
 def auto_downsample(grid: tuple[int, int, int], patch: tuple[int, int, int], video: bool) -> tuple[int, int, int]:
@@ -187,6 +198,9 @@ class PreciseCachePolicy(Policy):
         return output
 
     def _decide(self, call: ForwardCall) -> bool:
+        target = self.config.target_reuse
+        if target is not None and self.controller.delta is None:
+            self.controller.delta = calibrated_threshold(self, call, target, self.config.warmup_steps)
         cached = call.state.output
         if cached is None:
             return False
@@ -196,6 +210,10 @@ class PreciseCachePolicy(Policy):
 
     def trial_lfd(self, call: ForwardCall, cached: torch.Tensor) -> float:
         """LFD between a trial forward on the downsampled latent and the downsampled cached prediction."""
+        return self.trial_lfds(call, [cached])[0]
+
+    def trial_lfds(self, call: ForwardCall, predictions: list[torch.Tensor]) -> list[float]:
+        """One trial forward on the downsampled latent; its LFD to each (downsampled) prediction."""
         adapter, model = self.adapter, self.model_view.model
         grid = adapter.grid(model, call.arguments)
         layout = adapter.latent_layout
@@ -204,24 +222,17 @@ class PreciseCachePolicy(Policy):
             tuple(x5.shape[2:]), adapter.patch(model), video=layout == "BCFHW"
         )
         small5 = downsample(x5, factors)
+        small_grid = dataclasses.replace(grid, frames=small5.shape[2], height=small5.shape[3], width=small5.shape[4])
         overrides: dict[str, Any] = {adapter.hidden_states_arg: from_5d(small5, layout)}
         if adapter.resized_kwargs is not None:
-            small_grid = dataclasses.replace(
-                grid, frames=small5.shape[2], height=small5.shape[3], width=small5.shape[4]
-            )
             overrides.update(adapter.resized_kwargs(call.arguments, small_grid))
-        trial = call.run_trial(**overrides)
-        trial5 = to_5d(
-            trial,
-            layout,
-            dataclasses.replace(grid, frames=small5.shape[2], height=small5.shape[3], width=small5.shape[4]),
-        )
-        cached5 = downsample(to_5d(cached, layout, grid), factors)
-        lfd = torch.linalg.vector_norm(
-            low_frequency(trial5, self.config.radius) - low_frequency(cached5, self.config.radius)
-        )
-        value = float(lfd)
-        return value if math.isfinite(value) else float("inf")  # non-finite trial: compute the step
+        trial_low = low_frequency(to_5d(call.run_trial(**overrides), layout, small_grid), self.config.radius)
+        values = []
+        for prediction in predictions:
+            cached_low = low_frequency(downsample(to_5d(prediction, layout, grid), factors), self.config.radius)
+            value = float(torch.linalg.vector_norm(trial_low - cached_low))
+            values.append(value if math.isfinite(value) else float("inf"))  # non-finite trial: compute the step
+        return values
 
     # ------------------------------------------------------------------ BlockCache
     def _plan_blocks(self, state: PreciseCacheState) -> None:
@@ -259,6 +270,13 @@ class PreciseCachePolicy(Policy):
 
 register_preset("precisecache-base", lambda: PreciseCacheConfig(alpha=0.5), "PreciseCache LFCache, alpha 0.5")
 register_preset("precisecache-turbo", lambda: PreciseCacheConfig(alpha=0.7), "PreciseCache LFCache, alpha 0.7")
+for _speed, _share in (("2x", 0.5), ("3x", 0.67)):
+    register_preset(
+        f"precisecache-{_speed}",
+        lambda share=_share: PreciseCacheConfig(target_reuse=share),
+        f"PreciseCache LFCache with delta calibrated on the model to reuse ~{_share:.0%} of the steps "
+        "(needs `ditcache.calibrate(..., 'precisecache')`)",
+    )
 register_preset(
     "precisecache-flash",
     lambda: PreciseCacheConfig(alpha=0.7, block_cache_ratio=0.4, block_cache_steps=3),

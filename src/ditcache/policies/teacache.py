@@ -11,7 +11,7 @@ computed and the sum reset.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -20,7 +20,7 @@ from ..engine.calls import BlockCall, ForwardCall
 from ..engine.state import BranchState
 from ..numerics import rel_l1
 from ..registry import register_policy, register_preset
-from .base import Policy, Residuals, run_and_store_residuals
+from .base import Policy, Residuals, calibrated_threshold, run_and_store_residuals
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,11 @@ class TeaCacheConfig(PolicyConfig):
             Coefficients, highest power first, of the polynomial applied to each rel-L1 before accumulating;
             a tuple of numbers, `()` = identity. TeaCache fits one per model; none is fitted for the
             reference models.
+        target_reuse (`float | None`, defaults to `None`):
+            Reuse about this share of the steps, in (0, 0.95]: the threshold is derived from the model's
+            calibrated per-step rel-L1 (`ditcache.calibrate(model_or_pipe, "teacache", num_steps=...)`), so
+            the speed is about the same on every model; `threshold` is then ignored. Presets `teacache-2x`
+            (0.5) and `teacache-3x` (0.67). None = `threshold` as given.
 
     Example:
         >>> import ditcache
@@ -62,14 +67,20 @@ class TeaCacheConfig(PolicyConfig):
         >>> handle.remove()
     """
 
+    profile_method: ClassVar[str] = "teacache"  # only read with target_reuse set
     threshold: float = 0.1  # accumulated rel-L1 under which steps are reused
     warmup_steps: int = 1
     # Coefficients (highest power first) of the polynomial applied to each rel-L1 before accumulating;
     # () means identity. TeaCache fits one per model; none is fitted for the reference models.
     rescale: tuple[float, ...] = ()
+    # Reuse this share of the steps, with the threshold calibrated on the model (`ditcache.calibrate(...,
+    # "teacache")`); None = use `threshold` as given.
+    target_reuse: float | None = None
 
     def __post_init__(self) -> None:
         check_float("threshold", self.threshold, 0.0, 100.0)
+        if self.target_reuse is not None:
+            check_float("target_reuse", self.target_reuse, 0.0, 0.95, low_open=True)
         check_int("warmup_steps", self.warmup_steps, 1)
         if not isinstance(self.rescale, tuple) or not all(isinstance(c, (int, float)) for c in self.rescale):
             raise ValueError(f"rescale must be a tuple of numbers, got {self.rescale!r}")
@@ -96,8 +107,11 @@ class TeaCachePolicy(Policy):
 
     def reset(self) -> None:
         self.trace: list[tuple[int, str, float]] = []  # (step, branch, rel-L1) for analysis
+        self.threshold: float = self.config.threshold
 
     def forward(self, call: ForwardCall) -> Any:
+        if self.config.target_reuse is not None and call.info.step == 0:
+            self.threshold = calibrated_threshold(self, call, self.config.target_reuse, self.config.warmup_steps)
         call.state.skip = False
         return call.run()
 
@@ -117,13 +131,21 @@ class TeaCachePolicy(Policy):
                 self.trace.append((call.info.step, call.info.branch, self.rel_l1(modulated, previous)))
             if previous is not None and complete and call.info.step >= self.config.warmup_steps:
                 state.accumulated += self.trace[-1][2]
-                state.skip = state.accumulated < self.config.threshold
+                state.skip = state.accumulated < self.threshold
             if not state.skip:
                 state.accumulated = 0.0
         if state.skip:
             return call.skip(state.residuals[call.ref.position])
         return run_and_store_residuals(call, state.residuals)
 
+
+for _speed, _share in (("2x", 0.5), ("3x", 0.67)):
+    register_preset(
+        f"teacache-{_speed}",
+        lambda share=_share: TeaCacheConfig(target_reuse=share),
+        f"TeaCache-style with the threshold calibrated on the model to reuse ~{_share:.0%} of the steps "
+        "(needs `ditcache.calibrate(..., 'teacache')`)",
+    )
 
 for _t in (0.05, 0.1, 0.2, 0.3):
     register_preset(
