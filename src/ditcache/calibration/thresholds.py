@@ -86,6 +86,14 @@ def calibrated_threshold(data: dict, num_steps: int, target_reuse: float, warmup
     return threshold_for(lambda t: len(reused_steps(values, t, warmup)), want, upper)
 
 
+def warmup_maximum(data: dict, warmup: int) -> float:
+    """The largest consecutive-step value of the warm-up steps 1..warmup-1 (what PreciseCache's alpha scales)."""
+    values = [v for v in data["values"][1:warmup] if v is not None]
+    if not values or max(values) <= 0:
+        raise ProfileMismatchError(f"threshold profile has no positive value in the warm-up steps 1..{warmup - 1}")
+    return max(values)
+
+
 def _check_series(series: Any, num_steps: int) -> None:
     for values in series:
         if not isinstance(values, list) or len(values) != num_steps or not all(

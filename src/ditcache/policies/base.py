@@ -130,9 +130,12 @@ def run_and_store_residuals(call: BlockCall, store: dict[int, Residuals]) -> Any
     return output
 
 
-def calibrated_threshold(policy: Policy, call: ForwardCall, target_reuse: float, warmup: int) -> float:
+def calibrated_threshold(
+    policy: Policy, call: ForwardCall, target_reuse: float, warmup: int, relative_to_warmup: bool = False
+) -> Any:
     """The accumulate-and-reset threshold that reuses `target_reuse` of the steps on this model, from its
-    calibration profile (method `policy.config.profile_method`, made by `ditcache.calibrate`)."""
+    calibration profile (method `policy.config.profile_method`, made by `ditcache.calibrate`); with
+    `relative_to_warmup`, (threshold, the largest calibrated value of the warm-up steps 1..warmup-1)."""
     from ..calibration import thresholds
     from ..calibration.profiles import find_profile
 
@@ -145,4 +148,7 @@ def calibrated_threshold(policy: Policy, call: ForwardCall, target_reuse: float,
     model = policy.model_view.model
     profile = find_profile(method, model, num_steps)
     profile.check(method, model, num_steps)
-    return thresholds.calibrated_threshold(profile.data, num_steps, target_reuse, warmup)
+    threshold = thresholds.calibrated_threshold(profile.data, num_steps, target_reuse, warmup)
+    if not relative_to_warmup:
+        return threshold
+    return threshold, thresholds.warmup_maximum(profile.data, warmup)

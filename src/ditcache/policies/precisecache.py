@@ -182,6 +182,7 @@ class PreciseCachePolicy(Policy):
     def reset(self) -> None:
         self.decisions: dict[int, bool] = {}  # step -> reuse?
         self.controller = LFCacheController(self.config.alpha, self.config.warmup_steps)
+        self._alpha_calibrated = False
         self.lfd_trace: list[tuple[int, float]] = []  # (step, LFD) for analysis
 
 
@@ -199,8 +200,13 @@ class PreciseCachePolicy(Policy):
 
     def _decide(self, call: ForwardCall) -> bool:
         target = self.config.target_reuse
-        if target is not None and self.controller.delta is None:
-            self.controller.delta = calibrated_threshold(self, call, target, self.config.warmup_steps)
+        if target is not None and not self._alpha_calibrated:
+            # The LFD is a norm over the whole batch, so an absolute delta would depend on the batch size and
+            # the prompts: keep the calibrated delta relative to the warm-up LFDs, as the paper's alpha is.
+            warmup = self.config.warmup_steps
+            delta, warmup_max = calibrated_threshold(self, call, target, warmup, relative_to_warmup=True)
+            self.controller.alpha = delta / warmup_max
+            self._alpha_calibrated = True
         cached = call.state.output
         if cached is None:
             return False
