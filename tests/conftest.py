@@ -11,9 +11,9 @@ def _deterministic():
 
 
 @pytest.fixture(autouse=True)
-def _private_profile_dir(tmp_path_factory, monkeypatch):
-    """Calibrations in tests save to a temporary user profile directory, never to ~/.cache."""
-    monkeypatch.setenv("DITCACHE_PROFILE_DIR", str(tmp_path_factory.getbasetemp() / "user-profiles"))
+def _private_profile_dir(tmp_path, monkeypatch):
+    """Calibrations in tests save to a user profile directory of their own, never to ~/.cache."""
+    monkeypatch.setenv("DITCACHE_PROFILE_DIR", str(tmp_path / "user-profiles"))
 
 
 @pytest.fixture(params=TINY_MODELS)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-
 import pytest
 import torch
 
@@ -85,16 +83,6 @@ def test_calibrate_through_a_real_diffusers_pipeline(tmp_path, monkeypatch):
         stats = handle.stats().last
         handle.remove()
         assert torch.isfinite(images).all() and stats.forwards == 24 and stats.macs_speedup > 1.0
-
-
-def test_calibrate_docstring_example_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("DITCACHE_PROFILE_DIR", str(tmp_path))
-    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    tests = finder.find(ditcache.calibrate, "calibrate", globs={})
-    assert tests and tests[0].examples
-    for test in tests:
-        runner.run(test)
-    assert runner.summarize(verbose=False).failed == 0
 
 
 def test_threshold_rules_follow_the_accumulate_and_reset_rule():

@@ -24,7 +24,7 @@ CONFIGS = sorted(
     {type(ditcache.preset(name)) for name in ditcache.presets()} | set(CONFIGS_WITHOUT_PRESET),
     key=lambda cls: cls.__name__,
 )
-DOCUMENTED = [*CONFIGS, ditcache.apply, ditcache.Policy]
+DOCUMENTED = [*CONFIGS, ditcache.apply, ditcache.Policy, ditcache.calibrate, ditcache.tune]
 
 
 def own_docstring(obj: object) -> str:

@@ -5,7 +5,6 @@ through the command line."""
 from __future__ import annotations
 
 import dataclasses
-import doctest
 import json
 import math
 
@@ -198,16 +197,6 @@ def test_latent_psnr():
     x = torch.linspace(-1, 1, 32).reshape(2, 16)
     assert latent_psnr(x, x) == math.inf
     assert latent_psnr(x + 0.02, x) == pytest.approx(40.0, rel=1e-6)  # peak: the reference's range, 2
-
-
-def test_tune_docstring_example_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("DITCACHE_PROFILE_DIR", str(tmp_path))
-    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-    tests = finder.find(ditcache.tune, "tune", globs={})
-    assert tests and tests[0].examples
-    for test in tests:
-        runner.run(test)
-    assert runner.summarize(verbose=False).failed == 0
 
 
 def test_cli_tune_on_a_pipeline_then_apply_auto(tmp_path, monkeypatch, capsys):
