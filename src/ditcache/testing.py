@@ -166,6 +166,17 @@ def _num_blocks(model: torch.nn.Module) -> int:
     return sum(len(getattr(model, spec.attr)) for spec in adapter_for(model).block_lists)
 
 
+def _synthetic_profile(method: str, model: torch.nn.Module, num_steps: int, data: dict[str, Any]) -> Profile:
+    """A profile for `model` marked synthetic (made up for tests, not measured)."""
+    return Profile(
+        method=method,
+        model_name=f"tiny-{type(model).__name__}",
+        fingerprint=model_fingerprint(model),
+        num_steps=num_steps,
+        data={"synthetic": True, **data},
+    )
+
+
 def tiny_mixcache_profile(model: torch.nn.Module, num_steps: int) -> Profile:
     """MixCache: theta / delta1 / delta2 far above any rel-L1 a tiny model produces, so the warm-up ends as
     soon as D_step is measured (the cache-enabled phase starts at step 2) and the interval is the longest
@@ -176,13 +187,11 @@ def tiny_mixcache_profile(model: torch.nn.Module, num_steps: int) -> Profile:
     from .calibration.mixcache import DEFAULT_CANDIDATES, candidate_positions
 
     positions = candidate_positions(_num_blocks(model), DEFAULT_CANDIDATES)
-    return Profile(
-        method="mixcache",
-        model_name=f"tiny-{type(model).__name__}",
-        fingerprint=model_fingerprint(model),
-        num_steps=num_steps,
-        data={
-            "synthetic": True,
+    return _synthetic_profile(
+        "mixcache",
+        model,
+        num_steps,
+        {
             "warmup_steps": 2,
             "theta": 1e3,
             "delta1": 1e3,
@@ -205,13 +214,11 @@ def tiny_omnicache_trajectory_profile(model: torch.nn.Module, num_steps: int) ->
         "slow": [s for s in later if (s - warmup) % 2 == 0],
         "fast": [s for s in later if (s - warmup) % 3 != 2],
     }
-    return Profile(
-        method="omnicache-trajectory",
-        model_name=f"tiny-{type(model).__name__}",
-        fingerprint=model_fingerprint(model),
-        num_steps=num_steps,
-        data={
-            "synthetic": True,
+    return _synthetic_profile(
+        "omnicache-trajectory",
+        model,
+        num_steps,
+        {
             "curvature": [None] * num_steps,
             "gamma": [0.0] + [0.5] * (num_steps - 1),
             "schedules": schedules,
@@ -248,13 +255,11 @@ def tiny_auto_profile(model: torch.nn.Module, num_steps: int) -> Profile:
     from .policies.auto import AutoConfig
     from .registry import preset
 
-    return Profile(
-        method="auto",
-        model_name=f"tiny-{type(model).__name__}",
-        fingerprint=model_fingerprint(model),
-        num_steps=num_steps,
-        data={"synthetic": True, "speedup": AutoConfig().speedup, "config": preset("fora-2").to_dict(),
-              "spec": "fora-2", "candidates": []},
+    return _synthetic_profile(
+        "auto",
+        model,
+        num_steps,
+        {"speedup": AutoConfig().speedup, "config": preset("fora-2").to_dict(), "spec": "fora-2", "candidates": []},
     )
 
 
