@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ditcache.testing import TINY_MODELS, tiny_inputs, tiny_model
+from ditcache.testing import TINY_MODELS, tiny_inputs, tiny_model, tiny_uncond_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -21,20 +21,11 @@ def family(request):
     return request.param
 
 
-def uncond_inputs(inputs):
-    """Same conditioning shapes, zeroed text: a stand-in negative prompt."""
-    return {
-        k: (torch.zeros_like(v) if k == "encoder_hidden_states" else v)
-        for k, v in inputs.items()
-        if k != "hidden_states"
-    }
-
-
 @pytest.fixture
 def setup(family):
     model = tiny_model(family)
     inputs = tiny_inputs(family, batch=2)
-    return family, model, inputs, uncond_inputs(inputs)
+    return family, model, inputs, tiny_uncond_inputs(family, inputs)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ import torch
 
 import ditcache
 from ditcache.calibration.profiles import Profile, ProfileMismatchError, user_profile_dir
-from ditcache.testing import euler_sample, tiny_inputs, tiny_model
-
-from .conftest import uncond_inputs
+from ditcache.testing import euler_sample, tiny_inputs, tiny_model, tiny_uncond_inputs
 
 STEPS = 8
 PRESETS = {"mixcache": "mixcache-acc", "omnicache-trajectory": "omnicache-traj-slow"}
@@ -17,7 +15,7 @@ PRESETS = {"mixcache": "mixcache-acc", "omnicache-trajectory": "omnicache-traj-s
 
 def _loop(model, family, steps=STEPS):
     inputs = tiny_inputs(family, batch=2)
-    uncond = uncond_inputs(inputs)
+    uncond = tiny_uncond_inputs(family, inputs)
     return lambda handle: euler_sample(model, family, inputs, steps, uncond, guidance=3.0, handle=handle)
 
 

@@ -29,15 +29,15 @@ from ditcache.calibration.profiles import (
 )
 from ditcache.engine.engine import ENGINE_ATTR
 from ditcache.testing import (
+    TINY_DIT_CLASSES,
     TINY_MODELS,
     TINY_PROFILE_MAKERS,
     timestep_scale,
     tiny_inputs,
     tiny_model,
+    tiny_uncond_inputs,
     write_tiny_profiles,
 )
-
-from .conftest import uncond_inputs
 
 PRESETS = tuple(ditcache.presets())
 STEPS = 6  # a generation in most checks; the state check also runs 8
@@ -49,7 +49,7 @@ PROFILE_STEPS = (6, 8)  # step counts the tiny profiles are written for
 # 0.58; wan 1.45-2.84 vs 1.42), but step 4 of 6 on wan.
 REUSE_STEPS = (8, 6)
 GUIDANCE = 3.0
-BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections")  # tensors with a batch axis
+BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "class_labels")
 # Policies whose reuse schedule depends on nothing but the step index: their batch rows must be comparable.
 FIXED_SCHEDULES = (ditcache.NoCacheConfig, ditcache.StaticIntervalConfig, ditcache.ReuseScheduleConfig)
 
@@ -133,7 +133,7 @@ def generate(
 
 def _cfg_inputs(family: str) -> tuple[dict[str, Any], dict[str, Any]]:
     inputs = tiny_inputs(family)
-    return inputs, uncond_inputs(inputs)
+    return inputs, tiny_uncond_inputs(family, inputs)
 
 
 @functools.cache
@@ -258,7 +258,10 @@ def test_state_across_generations_and_reset(preset, family):
 def test_cond_branch_ignores_uncond_inputs(preset, family):
     model = _model(family)
     inputs, uncond = _cfg_inputs(family)
-    other = dict(uncond, encoder_hidden_states=torch.randn(uncond["encoder_hidden_states"].shape))
+    if family == "dit":  # another class as the negative
+        other = dict(uncond, class_labels=(inputs["class_labels"] + 1) % TINY_DIT_CLASSES)
+    else:
+        other = dict(uncond, encoder_hidden_states=torch.randn(uncond["encoder_hidden_states"].shape))
     runs = []
     for negative in (uncond, other):
         handle = ditcache.apply(model, preset)

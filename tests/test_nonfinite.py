@@ -7,9 +7,7 @@ import torch
 
 import ditcache
 from ditcache.calibration.profiles import PROFILE_DIR_ENV
-from ditcache.testing import timestep_scale, tiny_inputs, tiny_model, write_tiny_profiles
-
-from .conftest import uncond_inputs
+from ditcache.testing import timestep_scale, tiny_inputs, tiny_model, tiny_uncond_inputs, write_tiny_profiles
 
 FAMILIES = ("flux", "wan")
 STEPS = 8
@@ -27,7 +25,7 @@ def _sample_with_one_nan_forward(model, family, handle, nan_step):
     finite inputs."""
     inputs = tiny_inputs(family)
     cond = {k: v for k, v in inputs.items() if k != "hidden_states"}
-    uncond = uncond_inputs(inputs)
+    uncond = tiny_uncond_inputs(family, inputs)
     inject = {"on": False}
 
     def poison(module, args, output):

@@ -6,7 +6,7 @@ import torch
 import ditcache
 from ditcache.numerics import low_frequency
 from ditcache.policies.precisecache import LFCacheController, auto_downsample
-from ditcache.testing import euler_sample, tiny_inputs, tiny_model
+from ditcache.testing import euler_sample, tiny_inputs, tiny_model, tiny_uncond_inputs
 
 
 def test_lfcache_controller_matches_hand_computed_schedule():
@@ -22,11 +22,7 @@ def test_lfcache_controller_matches_hand_computed_schedule():
 def _run(name, config, steps=10, batch=2):
     model = tiny_model(name)
     inputs = tiny_inputs(name, batch=batch, frames=4)
-    uncond = {
-        k: (torch.zeros_like(v) if k == "encoder_hidden_states" else v)
-        for k, v in inputs.items()
-        if k != "hidden_states"
-    }
+    uncond = tiny_uncond_inputs(name, inputs)
     reference = euler_sample(model, name, inputs, steps, uncond)
     handle = ditcache.apply(model, config)
     out = euler_sample(model, name, inputs, steps, uncond, handle=handle)

@@ -15,9 +15,7 @@ import ditcache
 from ditcache.calibration.profiles import Profile, ProfileMismatchError, model_fingerprint
 from ditcache.calibration.tune import GRID, TuneError, default_candidates, latent_psnr, spec_of, stored_config
 from ditcache.engine.engine import ENGINE_ATTR
-from ditcache.testing import euler_sample, tiny_inputs, tiny_model
-
-from .conftest import uncond_inputs
+from ditcache.testing import euler_sample, tiny_inputs, tiny_model, tiny_uncond_inputs
 
 STEPS = 8
 CANDIDATES = ["fora-2", "fora-3", "static-2", "teacache-0.1:threshold=0.4", "omnicache-traj-slow"]
@@ -34,7 +32,7 @@ def _one_thread():
 def _loop(model, family):
     """run(handle, num_steps=...): CFG Euler on a batch of 2; the num_steps keyword enables the fewer-steps baseline."""
     inputs = tiny_inputs(family, batch=2)
-    uncond = uncond_inputs(inputs)
+    uncond = tiny_uncond_inputs(family, inputs)
 
     def run(handle, num_steps=STEPS):
         return euler_sample(model, family, inputs, num_steps, uncond, guidance=3.0, handle=handle)

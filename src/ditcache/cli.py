@@ -176,8 +176,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     pipe = RefPipeline.from_pretrained(args.model)
     generation = pipe.calibration_run(args.steps, args.samples, seed=args.seed)
     profile = calibrate(
-        pipe.transformer, args.method, num_steps=args.steps, run=generation.run, guidance=generation.guidance,
-        seed=args.seed, name=args.model, save=False,
+        pipe.transformer,
+        args.method,
+        num_steps=args.steps,
+        run=generation.run,
+        guidance=generation.guidance,
+        seed=args.seed,
+        name=args.model,
+        save=False,
     )
     profile.data.update(generation.meta)
     out = Path(args.out) if args.out else PROFILE_DIR / f"{args.method}-{args.model}-{args.steps}.json"

@@ -12,12 +12,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, WanTransformer3DModel
+from diffusers import (
+    DiTTransformer2DModel,
+    FluxTransformer2DModel,
+    LatteTransformer3DModel,
+    SD3Transformer2DModel,
+    WanTransformer3DModel,
+)
 
 from .adapters.flux import flux_image_ids
 from .calibration.profiles import Profile, model_fingerprint
 
-TINY_MODELS = ("flux", "sd3", "wan")
+TINY_MODELS = ("flux", "sd3", "wan", "dit", "latte")
+TINY_DIT_CLASSES = 10  # class ids 0..9; 10 is the null class (CFG)
+TINY_FAMILIES = {
+    FluxTransformer2DModel: "flux",
+    SD3Transformer2DModel: "sd3",
+    WanTransformer3DModel: "wan",
+    DiTTransformer2DModel: "dit",
+    LatteTransformer3DModel: "latte",
+}
 
 
 def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
@@ -62,6 +76,34 @@ def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
             qk_norm="rms_norm_across_heads",
             rope_max_seq_len=32,
         )
+    elif name == "dit":
+        model = DiTTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            num_layers=3,
+            sample_size=8,
+            patch_size=2,
+            num_embeds_ada_norm=TINY_DIT_CLASSES,
+        )
+    elif name == "latte":
+        model = LatteTransformer3DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            cross_attention_dim=16,
+            sample_size=8,
+            patch_size=2,
+            activation_fn="gelu-approximate",
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+            caption_channels=16,
+            video_length=3,
+        )
     else:
         raise ValueError(f"name must be one of {TINY_MODELS}, got {name!r}")
     return model.eval()
@@ -85,16 +127,32 @@ def tiny_inputs(name: str, batch: int = 1, seed: int = 1, size: int = 8, frames:
             "encoder_hidden_states": torch.randn(batch, 5, 16, generator=g),
             "pooled_projections": torch.randn(batch, 16, generator=g),
         }
-    if name == "wan":
+    if name in ("wan", "latte"):
         return {
             "hidden_states": torch.randn(batch, 4, frames, size, size, generator=g),
             "encoder_hidden_states": torch.randn(batch, 5, 16, generator=g),
         }
+    if name == "dit":
+        return {
+            "hidden_states": torch.randn(batch, 4, size, size, generator=g),
+            "class_labels": torch.randint(0, TINY_DIT_CLASSES, (batch,), generator=g),
+        }
     raise ValueError(f"name must be one of {TINY_MODELS}, got {name!r}")
 
 
+def tiny_uncond_inputs(name: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The unconditional (CFG) counterpart of `tiny_inputs(...)` without the latent: zero text, or DiT's null
+    class."""
+    uncond = {k: v for k, v in inputs.items() if k != "hidden_states"}
+    if name == "dit":
+        uncond["class_labels"] = torch.full_like(inputs["class_labels"], TINY_DIT_CLASSES)
+    else:
+        uncond["encoder_hidden_states"] = torch.zeros_like(inputs["encoder_hidden_states"])
+    return uncond
+
+
 def timestep_scale(name: str) -> float:
-    """Flux takes sigma in [0, 1]; SD3 and Wan take t in [0, 1000]."""
+    """Flux takes sigma in [0, 1]; the other families take t in [0, 1000]."""
     return 1.0 if name == "flux" else 1000.0
 
 
@@ -234,12 +292,9 @@ def tiny_threshold_profile(method: str) -> Callable[[torch.nn.Module, int], Prof
     def make(model: torch.nn.Module, num_steps: int) -> Profile:
         from .calibration.api import calibrate
 
-        family = {FluxTransformer2DModel: "flux", SD3Transformer2DModel: "sd3", WanTransformer3DModel: "wan"}[
-            type(model)
-        ]
+        family = TINY_FAMILIES[type(model)]
         inputs = tiny_inputs(family)
-        uncond = {k: v for k, v in inputs.items() if k != "hidden_states"}
-        uncond["encoder_hidden_states"] = torch.zeros_like(uncond["encoder_hidden_states"])
+        uncond = tiny_uncond_inputs(family, inputs)
 
         def run(handle: Any) -> torch.Tensor:
             return euler_sample(model, family, inputs, num_steps, uncond, handle=handle)

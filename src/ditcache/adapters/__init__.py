@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import BLOCK_KINDS, TOKEN_ORDERS, BlockListSpec, LatentGrid, ModelAdapter, TokenArg
+from .base import BLOCK_KINDS, EXECUTION_ORDERS, TOKEN_ORDERS, BlockListSpec, LatentGrid, ModelAdapter, TokenArg
+from .dit import DIT
 from .flux import FLUX
+from .latte import LATTE
 from .sd3 import SD3
 from .wan import WAN
 
@@ -47,12 +49,13 @@ def adapter_for(model: torch.nn.Module) -> ModelAdapter:
     )
 
 
-for _adapter in (FLUX, SD3, WAN):
+for _adapter in (FLUX, SD3, WAN, DIT, LATTE):
     register_adapter(_adapter)
 
 __all__ = [
     "BLOCK_KINDS",
     "BlockListSpec",
+    "EXECUTION_ORDERS",
     "LatentGrid",
     "ModelAdapter",
     "TOKEN_ORDERS",

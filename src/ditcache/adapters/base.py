@@ -18,6 +18,9 @@ BLOCK_KINDS = ("joint", "spatial", "temporal", "spatiotemporal")
 # then column (Flux's packed latents, Wan's flattened patches); "hwf" = all frames of one position together.
 TOKEN_ORDERS = ("fhw", "hwf")
 TOKEN_BATCH_MODES = ("batched", "broadcast", "shared")
+# How the model calls its block lists: "sequential" (every block of the first list, then the next list: Flux's
+# joint then single blocks) or "interleaved" (block i of each list in turn: Latte's spatial i, temporal i).
+EXECUTION_ORDERS = ("sequential", "interleaved")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +119,12 @@ class ModelAdapter:
     # Tensor arguments without a batch dimension (Flux's position ids): a forward on a subset of the batch
     # rows (`ForwardCall.run_rows`) passes them unchanged even when their first size equals the batch size.
     unbatched_args: tuple[str, ...] = ()
+    execution_order: str = "sequential"
     notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.execution_order not in EXECUTION_ORDERS:
+            raise ValueError(f"execution_order must be one of {EXECUTION_ORDERS}, got {self.execution_order!r}")
 
 
 def adaln_zero_modulated_input(block: torch.nn.Module, arguments: Mapping[str, Any]) -> torch.Tensor:

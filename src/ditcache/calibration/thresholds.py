@@ -96,8 +96,10 @@ def warmup_maximum(data: dict, warmup: int) -> float:
 
 def _check_series(series: Any, num_steps: int) -> None:
     for values in series:
-        if not isinstance(values, list) or len(values) != num_steps or not all(
-            v is None or (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0) for v in values
+        if (
+            not isinstance(values, list)
+            or len(values) != num_steps
+            or not all(v is None or (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0) for v in values)
         ):
             raise ProfileMismatchError(f"threshold profile must hold {num_steps} per-step values (>= 0 or null)")
 

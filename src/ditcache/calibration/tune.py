@@ -246,8 +246,14 @@ def tune(
             calibrated[method] = None
             try:  # no profile for this model and step count yet: calibrate on the same generation, then retry
                 calibrate(
-                    target, method, num_steps=num_steps, run=generation.run, guidance=generation.guidance,
-                    seed=seed, name=name, save=True,
+                    target,
+                    method,
+                    num_steps=num_steps,
+                    run=generation.run,
+                    guidance=generation.guidance,
+                    seed=seed,
+                    name=name,
+                    save=True,
                 )
             except (ValueError, TypeError, RuntimeError) as error:
                 calibrated[method] = f"calibrating {method} failed: {_short(error)}"
@@ -304,8 +310,11 @@ def tune(
     )
     if out is not None or save:
         profile = result.profile
-        path = Path(out) if out is not None else user_profile_dir() / auto_profile_name(
-            profile.model_name, profile.fingerprint, num_steps, float(speedup)
+        path = (
+            Path(out)
+            if out is not None
+            else user_profile_dir()
+            / auto_profile_name(profile.model_name, profile.fingerprint, num_steps, float(speedup))
         )
         result.saved_to = profile.save(path)
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -58,14 +59,21 @@ class Engine:
 
     # ----------------------------------------------------------------- install / remove
     def _find_blocks(self) -> list[BlockRef]:
-        refs: list[BlockRef] = []
+        """Every hooked block, `position` in the order the model calls them (the adapter's execution order)."""
+        lists = []
         for spec in self.adapter.block_lists:
             blocks = getattr(self.model, spec.attr, None)
             if not isinstance(blocks, torch.nn.ModuleList):
                 raise TypeError(f"{type(self.model).__name__}.{spec.attr} is not an nn.ModuleList; fix the adapter")
-            for index, block in enumerate(blocks):
-                refs.append(BlockRef(spec, index, len(refs), f"{spec.attr}.{index}", block))
-        return refs
+            lists.append([(spec, index, block) for index, block in enumerate(blocks)])
+        if self.adapter.execution_order == "interleaved":
+            order = [item for row in itertools.zip_longest(*lists) for item in row if item is not None]
+        else:
+            order = [item for blocks in lists for item in blocks]
+        return [
+            BlockRef(spec, index, position, f"{spec.attr}.{index}", block)
+            for position, (spec, index, block) in enumerate(order)
+        ]
 
     def _find_submodules(self) -> list[SubmoduleRef]:
         refs = []

@@ -71,8 +71,9 @@ def patch_groups(grid: LatentGrid, k: int) -> torch.Tensor:
 def check_index(index: torch.Tensor, batch: int, num_tokens: int) -> None:
     """A clear error for an index that `run_tokens` cannot use (one host sync for the range check)."""
     if not isinstance(index, torch.Tensor) or index.dtype != torch.long:
-        raise ValueError(f"index must be an int64 tensor of token indices, got {type(index).__name__} "
-                         f"{getattr(index, 'dtype', '')}")
+        raise ValueError(
+            f"index must be an int64 tensor of token indices, got {type(index).__name__} {getattr(index, 'dtype', '')}"
+        )
     if index.ndim not in (1, 2) or (index.ndim == 2 and index.shape[0] != batch):
         raise ValueError(f"index must have shape (k,) or (batch={batch}, k), got {tuple(index.shape)}")
     if index.shape[-1] > num_tokens:

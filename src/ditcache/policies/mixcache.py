@@ -306,9 +306,7 @@ class MixCachePolicy(Policy):
             if previous is not None:
                 step, old = previous
                 gap = max(1, call.forward.info.step - step)
-                self.controller.d[block_choice(position)] = (
-                    rel_l1(values["hidden_states"], old["hidden_states"]) / gap
-                )
+                self.controller.d[block_choice(position)] = rel_l1(values["hidden_states"], old["hidden_states"]) / gap
             state.blocks[position] = (call.forward.info.step, call.forward.store(values))
         return output
 

@@ -68,8 +68,10 @@ class MixCacheProfileData:
             raise ProfileMismatchError("MixCache profile field 'impact_block' must map block positions to lists")
         impact_block = {}
         for key, impacts in blocks.items():
-            if not str(key).isdigit() or not isinstance(impacts, list) or not all(
-                isinstance(v, (int, float)) and math.isfinite(v) for v in impacts
+            if (
+                not str(key).isdigit()
+                or not isinstance(impacts, list)
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in impacts)
             ):
                 raise ProfileMismatchError(f"MixCache profile impact_block[{key!r}] must be a list of finite numbers")
             impact_block[int(key)] = [float(v) for v in impacts]

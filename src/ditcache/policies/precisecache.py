@@ -174,6 +174,7 @@ class PreciseCacheState(OutputState):
 @register_policy(PreciseCacheConfig)
 class PreciseCachePolicy(Policy):
     branch_state = PreciseCacheState
+
     def __init__(self, config: PreciseCacheConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
         self.uses_block_hooks = config.block_cache_ratio > 0
@@ -184,7 +185,6 @@ class PreciseCachePolicy(Policy):
         self.controller = LFCacheController(self.config.alpha, self.config.warmup_steps)
         self._alpha_calibrated = False
         self.lfd_trace: list[tuple[int, float]] = []  # (step, LFD) for analysis
-
 
     # ------------------------------------------------------------------ LFCache
     def forward(self, call: ForwardCall) -> Any:
