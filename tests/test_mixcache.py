@@ -187,9 +187,9 @@ def test_batched_cfg_computes_only_the_conditional_half(tiny_profile):
 def test_batched_cfg_rejects_an_odd_batch(tiny_profile):
     pipe, path = tiny_profile
     handle = ditcache.apply(pipe, ditcache.MixCacheConfig(profile=str(path), batched_cfg="uncond-first"))
-    x, sigma = torch.randn(3, *TINY.sample_shape), torch.ones(3)
+    x, timestep = torch.randn(3, *TINY.sample_shape), torch.full((3,), 1000.0)
     with handle.generation(num_steps=12), pytest.raises(ValueError, match="batched_cfg"):
-        pipe.model.predict(x, sigma, torch.tensor([0, 1, 2]))
+        pipe.model.predict(x, timestep, torch.tensor([0, 1, 2]))
     out = pipe([0, 1], num_inference_steps=12, cfg_mode="batched")  # the handle still works afterwards
     assert torch.isfinite(out).all() and handle.stats().last.forwards == 12
     handle.remove()

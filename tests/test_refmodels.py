@@ -84,3 +84,61 @@ def test_shipped_classifier_recognises_real_samples(name):
     samples, labels = real_samples(name, 64, seed=5)
     assert class_accuracy(net, samples, labels) >= 0.9
     assert len(CLASS_PHOTOS) == 8
+
+
+def _tiny_spec(name: str):
+    """ref-dit / ref-latte's layout on a tiny transformer (2 blocks per list, width 16)."""
+    import dataclasses
+
+    from ditcache.refmodels import get_spec
+
+    spec = get_spec(name)
+    small = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2)
+    if name == "ref-latte":
+        small["cross_attention_dim"] = 16
+    return dataclasses.replace(spec, transformer=dict(spec.transformer, **small))
+
+
+@pytest.mark.parametrize("name", ["ref-dit", "ref-latte"])
+def test_dit_and_latte_train_and_sample_on_a_tiny_config(name, tmp_path):
+    spec = _tiny_spec(name)
+    meta = train(name, spec=spec, max_steps=3, batch=4, out_dir=tmp_path, progress=False)
+    assert meta["steps"] == 3 and meta["final_loss"] == meta["final_loss"]
+    pipe = RefPipeline.from_pretrained(name, weights_dir=tmp_path, spec=spec)
+    separate = pipe([0, 8 - 1], num_inference_steps=4, seed=1)
+    batched = pipe([0, 8 - 1], num_inference_steps=4, seed=1, cfg_mode="batched")
+    assert separate.shape == (2, *spec.sample_shape) and torch.isfinite(separate).all()
+    torch.testing.assert_close(separate, batched, rtol=1e-3, atol=1e-4)  # DDIM's x0 step amplifies rounding
+    handle = ditcache.apply(pipe, "fora-2")
+    cached = pipe([0, 8 - 1], num_inference_steps=4, seed=1)
+    stats = handle.stats().last
+    handle.remove()
+    assert stats.steps == 4 and stats.forwards == 8 and stats.macs_executed < stats.macs_full
+    assert not torch.equal(cached, separate)
+    assert torch.equal(pipe([0, 8 - 1], num_inference_steps=4, seed=1), separate)  # removed = untouched
+
+
+def test_ref_dit_samples_with_ddim_and_the_null_class():
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    pipe = RefPipeline(RefModel(_tiny_spec("ref-dit")))
+    assert isinstance(pipe.scheduler, DDIMScheduler) and isinstance(pipe.transformer, DiTTransformer2DModel)
+    pipe.scheduler.set_timesteps(50)
+    assert int(pipe.scheduler.timesteps[0]) == 999 and len(pipe.scheduler.timesteps) == 50
+    # DiT's label table has num_classes + 1 rows: the null class used for CFG is the last one.
+    table = pipe.transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+    assert table.num_embeddings == pipe.spec.null_class + 1
+    assert pipe.model.encoder is None and set(
+        pipe.model.model_inputs(torch.zeros(1, 3, 32, 32), torch.tensor([1]))
+    ) == {
+        "hidden_states",
+        "class_labels",
+    }
+
+
+def test_cli_reference_model_names_match_the_specs():
+    from ditcache.cli import REF_MODELS
+    from ditcache.refmodels import SPECS, get_spec
+
+    assert REF_MODELS == tuple(SPECS)
+    assert get_spec("ref-dit").classifier_name == "ref-image" and get_spec("ref-latte").classifier_name == "ref-video"

@@ -8,7 +8,7 @@ handle.remove()
 
 from . import policies  # noqa: F401  (registers policies and presets)
 from .adapters import BlockListSpec, LatentGrid, ModelAdapter, register_adapter, supported_models
-from .api import apply
+from .api import apply, cache_context
 from .calibration.api import calibrate
 from .calibration.tune import TuneResult, tune
 from .config import PolicyConfig
@@ -29,6 +29,7 @@ from .registry import config_from_dict, parse_policy, preset, presets, register_
 __version__ = "0.1.0"
 
 __all__ = [
+    "cache_context",
     "AutoConfig",
     "BlockListSpec",
     "BranchState",

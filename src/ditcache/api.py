@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 
 from .adapters import adapter_for
 from .config import PolicyConfig
-from .engine.engine import Engine
+from .engine.engine import ENGINE_ATTR, Engine
 from .engine.handle import CacheHandle
 from .registry import parse_policy, policy_for
 
@@ -93,3 +94,34 @@ def apply(target: Any, config: PolicyConfig | str) -> CacheHandle:
     engine = Engine(model, adapter, policy, scheduler)
     engine.install()
     return CacheHandle(engine, config)
+
+
+def cache_context(model: torch.nn.Module, name: str, **hints: Any) -> contextlib.AbstractContextManager:
+    """Name the CFG branch ("cond" / "uncond") of the model forwards inside, whichever the model.
+
+    Diffusers' `model.cache_context(name)` where the class has it (Flux, Wan, ...; ditcache reads it too);
+    otherwise (DiT, Latte, SD3) ditcache's own branch context when ditcache is applied, else nothing.
+    `hints` (`step_index`, `num_inference_steps`) help ditcache place the forward. Hand-written loops that
+    run CFG as two forwards use it so that cond and uncond keep separate caches.
+
+    Example:
+        >>> import torch, ditcache
+        >>> from ditcache.testing import tiny_inputs, tiny_model, tiny_uncond_inputs
+        >>> model, inputs = tiny_model("dit"), tiny_inputs("dit")
+        >>> handle = ditcache.apply(model, "fora-2")
+        >>> for step, t in enumerate((999.0, 500.0)):
+        ...     for branch, kwargs in (("cond", inputs), ("uncond", tiny_uncond_inputs("dit", inputs))):
+        ...         with ditcache.cache_context(model, branch, step_index=step):
+        ...             _ = model(hidden_states=inputs["hidden_states"], timestep=torch.tensor([t]),
+        ...                       class_labels=kwargs["class_labels"])
+        >>> [(r.step, r.branch, r.kind) for r in handle.records()]
+        [(0, 'cond', 'computed'), (0, 'uncond', 'computed'), (1, 'cond', 'reused'), (1, 'uncond', 'reused')]
+        >>> handle.remove()
+    """
+    own = getattr(type(model), "cache_context", None)
+    if own is not None:
+        return model.cache_context(name, **hints) if hints else model.cache_context(name)
+    engine = getattr(model, ENGINE_ATTR, None)
+    if isinstance(engine, Engine) and not engine.removed:
+        return engine.branch(name, **hints)
+    return contextlib.nullcontext()

@@ -24,6 +24,7 @@ from .cli_pipeline import (
 )
 from .registry import presets
 
+REF_MODELS = ("ref-image", "ref-video", "ref-dit", "ref-latte")  # refmodels.SPECS, without importing it
 CALIBRATION_METHODS = ("omnicache-trajectory", "mixcache", "teacache", "precisecache")
 
 
@@ -39,9 +40,7 @@ def _calibration_method(name: str) -> str:
 def _model_or_pipeline(parser: argparse.ArgumentParser, what: str) -> None:
     """`--model ref-...` or `--pipeline SPEC` (with `--prompts FILE` and repeated `--call key=value`)."""
     source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--model", default=None, choices=("ref-image", "ref-video"), help="reference model (default ref-image)"
-    )
+    source.add_argument("--model", default=None, choices=REF_MODELS, help="reference model (default ref-image)")
     source.add_argument(
         "--pipeline",
         metavar="SPEC",
@@ -104,14 +103,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_train_ref(args: argparse.Namespace) -> int:
     from .metrics.classifier import train_classifier
+    from .refmodels import get_spec
     from .refmodels.train import train
 
     out_dir = args.out_dir
     if not args.classifier_only:
         meta = train(args.model, max_steps=args.steps, minutes=args.minutes, seed=args.seed, out_dir=out_dir)
         print(json.dumps(meta, indent=2))
-    accuracy = train_classifier(args.model, steps=args.classifier_steps, seed=args.seed, out_dir=out_dir)
-    print(f"classifier held-out accuracy on real samples: {accuracy:.3f}")
+    # ref-dit / ref-latte share the data (and the classifier) of ref-image / ref-video.
+    data_of = get_spec(args.model).classifier_name
+    accuracy = train_classifier(data_of, steps=args.classifier_steps, seed=args.seed, out_dir=out_dir)
+    print(f"classifier ({data_of}'s data) held-out accuracy on real samples: {accuracy:.3f}")
     return 0
 
 
@@ -231,7 +233,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
     print("diffusers classes with an adapter: " + ", ".join(supported_models()))
     for name, spec in SPECS.items():
         shape = "x".join(map(str, spec.sample_shape))
-        print(f"{name:10s} {spec.transformer and spec.family} transformer, samples {shape}, {spec.num_classes} classes")
+        detail = f"samples {shape}, {spec.num_classes} classes, {spec.prediction} prediction"
+        print(f"{name:10s} {spec.family} transformer, {detail}")
     return 0
 
 
@@ -254,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
 
     tr = sub.add_parser("train-ref", help="train a reference model and its classifier (CPU, <= 30 min)")
-    tr.add_argument("model", choices=("ref-image", "ref-video"))
+    tr.add_argument("model", choices=REF_MODELS)
     tr.add_argument("--minutes", type=float, default=28.0, help="time budget for the model (default 28)")
     tr.add_argument("--steps", type=int, default=100_000, help="step budget (default: time-limited)")
     tr.add_argument("--classifier-steps", type=int, default=800)
@@ -284,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="reproduce a paper's analysis on a reference model")
     an.add_argument("study", choices=("precisecache",), help="precisecache: single-step reuse impact vs LFD")
-    an.add_argument("--model", default="ref-image", choices=("ref-image", "ref-video"))
+    an.add_argument("--model", default="ref-image", choices=REF_MODELS)
     an.add_argument("--steps", type=int, default=50)
     an.add_argument("--samples", type=int, default=8)
     an.add_argument("--out", default="analysis-out")
@@ -333,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=_cmd_tune)
 
     ev = sub.add_parser("evaluate", help="quality of a reference model at several step counts (uncached)")
-    ev.add_argument("model", choices=("ref-image", "ref-video"))
+    ev.add_argument("model", choices=REF_MODELS)
     ev.add_argument("--samples", type=int, default=32)
     ev.add_argument("--steps", default="50,25,17,10,5", help="comma-separated; the first is the reference")
     ev.set_defaults(func=_cmd_evaluate)

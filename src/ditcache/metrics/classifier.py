@@ -107,6 +107,8 @@ def train_classifier(
 
 
 def load_classifier(model_name: str, weights_dir: Path | None = None) -> SampleClassifier:
+    """The shipped classifier of a reference model's data (`ref-dit` shares ref-image's, `ref-latte` ref-video's)."""
+    model_name = get_spec(model_name).classifier_name
     path = Path(weights_dir or WEIGHTS_DIR) / f"classifier-{model_name}.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"no classifier for {model_name} at {path}; run `ditcache train-ref {model_name}`")

@@ -1,9 +1,14 @@
 """The reference models: small diffusers transformers plus a learned class encoder.
 
 `ref-image` is a `FluxTransformer2DModel` on 32x32 RGB pixels (packed 4x4 -> 64 tokens of 48 channels);
-`ref-video` is a `WanTransformer3DModel` on 8 frames of 16x16 RGB pixels (patch 1x2x2 -> 512 tokens).
+`ref-video` is a `WanTransformer3DModel` on 8 frames of 16x16 RGB pixels (patch 1x2x2 -> 512 tokens);
+`ref-dit` is a class-conditional `DiTTransformer2DModel` on 32x32 RGB pixels (patch 2 -> 256 tokens),
+epsilon prediction with DDPM training and DDIM sampling (TokenCache's setting);
+`ref-latte` is a `LatteTransformer3DModel` on 8 frames of 16x16 RGB pixels (patch 2 -> 8 x 64 tokens,
+alternating spatial and temporal blocks; OmniCache's video model).
 The "text encoder" is a class embedding (`ClassEncoder`): `num_classes + 1` entries, the last one is the
-null class used for classifier-free guidance.
+null class used for classifier-free guidance. DiT embeds its class labels itself (its null class is
+`num_classes` too), so `ref-dit` has no encoder.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import dataclasses
 from typing import Any
 
 import torch
-from diffusers import FluxTransformer2DModel, WanTransformer3DModel
+from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, LatteTransformer3DModel, WanTransformer3DModel
 
 from ..adapters.flux import flux_image_ids
 from .data import CLASS_PHOTOS
@@ -21,7 +26,7 @@ from .data import CLASS_PHOTOS
 @dataclasses.dataclass(frozen=True)
 class RefModelSpec:
     name: str
-    family: str  # "flux" | "wan"
+    family: str  # "flux" | "wan" | "dit" | "latte"
     transformer: dict[str, Any]  # kwargs of the diffusers class
     sample_shape: tuple[int, ...]  # (3, H, W) or (3, F, H, W), pixels in [-1, 1]
     text_tokens: int = 4
@@ -29,6 +34,15 @@ class RefModelSpec:
     pooled_dim: int = 64
     num_classes: int = len(CLASS_PHOTOS)
     pack: int = 4  # Flux only: pixels packed per token side
+    # "flow": rectified flow, velocity prediction, FlowMatchEuler sampling; "epsilon": DDPM noise prediction,
+    # DDIM sampling.
+    prediction: str = "flow"
+    # The reference model whose data (and so whose shipped sample classifier) this one shares.
+    data_of: str | None = None
+
+    @property
+    def classifier_name(self) -> str:
+        return self.data_of or self.name
 
     @property
     def null_class(self) -> int:
@@ -79,7 +93,58 @@ REF_VIDEO = RefModelSpec(
     pooled_dim=0,
 )
 
-SPECS = {spec.name: spec for spec in (REF_IMAGE, REF_VIDEO)}
+REF_DIT = RefModelSpec(
+    name="ref-dit",
+    family="dit",
+    transformer=dict(
+        num_attention_heads=4,
+        attention_head_dim=32,
+        in_channels=3,
+        out_channels=3,
+        num_layers=6,
+        sample_size=32,
+        patch_size=2,
+        num_embeds_ada_norm=len(CLASS_PHOTOS),  # + 1 null class (DiT's label dropout table)
+    ),
+    sample_shape=(3, 32, 32),
+    text_tokens=0,
+    text_dim=0,
+    pooled_dim=0,
+    prediction="epsilon",
+    data_of="ref-image",
+)
+
+REF_LATTE = RefModelSpec(
+    name="ref-latte",
+    family="latte",
+    transformer=dict(
+        num_attention_heads=4,
+        attention_head_dim=24,
+        in_channels=3,
+        out_channels=3,
+        num_layers=4,
+        cross_attention_dim=96,
+        sample_size=16,
+        patch_size=2,
+        activation_fn="gelu-approximate",
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        caption_channels=64,
+        video_length=8,
+    ),
+    sample_shape=(3, 8, 16, 16),
+    pooled_dim=0,
+    data_of="ref-video",
+)
+
+SPECS = {spec.name: spec for spec in (REF_IMAGE, REF_VIDEO, REF_DIT, REF_LATTE)}
+_CLASSES = {
+    "flux": FluxTransformer2DModel,
+    "wan": WanTransformer3DModel,
+    "dit": DiTTransformer2DModel,
+    "latte": LatteTransformer3DModel,
+}
 
 
 def get_spec(name: str) -> RefModelSpec:
@@ -112,12 +177,17 @@ class RefModel(torch.nn.Module):
     def __init__(self, spec: RefModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        cls = FluxTransformer2DModel if spec.family == "flux" else WanTransformer3DModel
-        self.transformer = cls(**spec.transformer)
-        self.encoder = ClassEncoder(spec.num_classes, spec.text_tokens, spec.text_dim, spec.pooled_dim)
+        self.transformer = _CLASSES[spec.family](**spec.transformer)
+        self.encoder = (
+            ClassEncoder(spec.num_classes, spec.text_tokens, spec.text_dim, spec.pooled_dim)
+            if spec.text_tokens
+            else None
+        )
 
     def model_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         """Everything but the timestep, for a pixel batch `x` and class ids `labels`."""
+        if self.encoder is None:  # DiT: class labels go straight in
+            return {"hidden_states": x, "class_labels": labels}
         tokens, pooled = self.encoder(labels)
         if self.spec.family == "flux":
             img_ids, txt_ids = flux_ids(self.spec)
@@ -130,10 +200,12 @@ class RefModel(torch.nn.Module):
             }
         return {"hidden_states": x, "encoder_hidden_states": tokens}
 
-    def predict(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Velocity prediction in pixel layout. `sigma` in [0, 1] per sample (1 = pure noise)."""
+    def predict(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The model's prediction in pixel layout: velocity ("flow") or noise ("epsilon"). `timestep` per sample
+        in the schedulers' units, [0, 1000] (flow: 1000 * sigma, 1000 = pure noise)."""
         inputs = self.model_inputs(x, labels)
-        timestep = sigma if self.spec.family == "flux" else sigma * 1000.0
+        if self.spec.family == "flux":
+            timestep = timestep / 1000.0  # Flux embeds sigma
         out = self.transformer(timestep=timestep, return_dict=False, **inputs)[0]
         return self.from_model_output(out)
 

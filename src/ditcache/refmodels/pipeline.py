@@ -1,4 +1,5 @@
-"""`RefPipeline`: sampling for the reference models with diffusers' FlowMatchEulerDiscreteScheduler.
+"""`RefPipeline`: sampling for the reference models with diffusers' schedulers: FlowMatchEulerDiscreteScheduler
+for the flow models, DDIMScheduler (linear betas, DiT's training schedule) for `ref-dit`.
 
 It has `.transformer` and `.scheduler` like a diffusers pipeline, so `ditcache.apply(pipe, config)` and
 diffusers' own cache hooks attach to it the same way. CFG runs either as two forwards per step wrapped in
@@ -13,9 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
 
+from ..api import cache_context
 from .models import RefModel, RefModelSpec, get_spec
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -31,7 +33,7 @@ class RefPipeline:
         self.model = model.eval().requires_grad_(False)
         self.spec: RefModelSpec = model.spec
         self.transformer = model.transformer
-        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        self.scheduler = make_scheduler(self.spec)
         self.current_timestep: float | None = None  # for hooks that ask for it (diffusers' PAB)
         self.separate_cfg = True  # how the last/next call runs CFG (cache-dit needs to know)
 
@@ -82,18 +84,20 @@ class RefPipeline:
         trajectory = [x.clone()]
         for i, t in enumerate(self.scheduler.timesteps):
             self.current_timestep = float(t)
-            sigma = (t / 1000.0).expand(len(labels))
+            timestep = t.expand(len(labels))
             hints = {"step_index": i, "num_inference_steps": num_inference_steps}
             if use_cfg and cfg_mode == "batched":
-                both = self._predict(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([null, labels]), None)
+                both = self._predict(
+                    torch.cat([x, x]), torch.cat([timestep, timestep]), torch.cat([null, labels]), None
+                )
                 uncond, cond = both.chunk(2)
-                velocity = uncond + guidance_scale * (cond - uncond)
+                prediction = uncond + guidance_scale * (cond - uncond)
             else:
-                velocity = self._predict(x, sigma, labels, ("cond", hints))
+                prediction = self._predict(x, timestep, labels, ("cond", hints))
                 if use_cfg:
-                    uncond = self._predict(x, sigma, null, ("uncond", hints))
-                    velocity = uncond + guidance_scale * (velocity - uncond)
-            x = self.scheduler.step(velocity.to(x.dtype), t, x, return_dict=False)[0]
+                    uncond = self._predict(x, timestep, null, ("uncond", hints))
+                    prediction = uncond + guidance_scale * (prediction - uncond)
+            x = self.scheduler.step(prediction.to(x.dtype), t, x, return_dict=False)[0]
             if return_trajectory:
                 trajectory.append(x.clone())
         return (x, trajectory) if return_trajectory else x
@@ -112,10 +116,26 @@ class RefPipeline:
         return CalibrationRun(run, num_steps, guidance, {"samples": samples, "seed": seed, "guidance": guidance})
 
     def _predict(
-        self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor, branch: tuple | None
+        self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor, branch: tuple | None
     ) -> torch.Tensor:
         if branch is None:
-            return self.model.predict(x, sigma, labels)
+            return self.model.predict(x, timestep, labels)
         name, hints = branch
-        with self.transformer.cache_context(name, **hints):
-            return self.model.predict(x, sigma, labels)
+        with cache_context(self.transformer, name, **hints):
+            return self.model.predict(x, timestep, labels)
+
+
+def make_scheduler(spec: RefModelSpec) -> FlowMatchEulerDiscreteScheduler | DDIMScheduler:
+    if spec.prediction == "epsilon":
+        # DDPM's linear betas as in training; "trailing" spacing starts at t = 999 (pure noise) and the last
+        # step lands on x0 (set_alpha_to_one); pixels are clipped to [-1, 1] like the training data.
+        return DDIMScheduler(
+            num_train_timesteps=1000,
+            beta_start=1e-4,
+            beta_end=0.02,
+            beta_schedule="linear",
+            clip_sample=True,
+            set_alpha_to_one=True,
+            timestep_spacing="trailing",
+        )
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)

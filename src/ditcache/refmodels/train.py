@@ -1,10 +1,16 @@
-"""Training of the reference models: rectified flow (flow matching), class-conditional with a null class.
+"""Training of the reference models, class-conditional with a null class.
 
-    x_sigma = (1 - sigma) * x0 + sigma * noise,   target velocity v = noise - x0
+"flow" models (ref-image, ref-video, ref-latte) learn rectified flow (flow matching):
 
-sigma is drawn logit-normal (as in SD3), 10% of labels are replaced by the null class so that the model
-also learns the unconditional velocity for classifier-free guidance, and an EMA of the weights is what
-gets saved. Training stops at `max_steps` or after `minutes`, whichever comes first.
+    x_sigma = (1 - sigma) * x0 + sigma * noise,   target velocity v = noise - x0,   timestep = 1000 * sigma
+
+with sigma drawn logit-normal (as in SD3). "epsilon" models (ref-dit) learn DDPM noise prediction, as DiT:
+
+    x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * noise,   target noise,   t uniform in 0..999, linear betas
+
+10% of labels are replaced by the null class so that the model also learns the unconditional prediction for
+classifier-free guidance, and an EMA of the weights is what gets saved. Training stops at `max_steps` or
+after `minutes`, whichever comes first.
 """
 
 from __future__ import annotations
@@ -41,10 +47,33 @@ def flow_matching_loss(
     noise = torch.randn(x0.shape, generator=generator)
     shape = (b,) + (1,) * (x0.ndim - 1)
     x_sigma = (1 - sigma.view(shape)) * x0 + sigma.view(shape) * noise
-    drop = torch.rand(b, generator=generator) < label_dropout
-    labels = torch.where(drop, torch.full_like(labels, model.spec.null_class), labels)
-    velocity = model.predict(x_sigma, sigma, labels)
+    labels = _drop_labels(model, labels, generator, label_dropout)
+    velocity = model.predict(x_sigma, sigma * 1000.0, labels)
     return (velocity - (noise - x0)).pow(2).mean()
+
+
+def ddpm_alphas_cumprod(num_train_timesteps: int = 1000) -> torch.Tensor:
+    """abar_t of DDPM's linear beta schedule (1e-4 .. 0.02), the schedule DiT and `ref-dit` use."""
+    betas = torch.linspace(1e-4, 0.02, num_train_timesteps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def epsilon_loss(
+    model: RefModel, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, label_dropout: float = 0.1
+) -> torch.Tensor:
+    b = x0.shape[0]
+    alphas_cumprod = ddpm_alphas_cumprod()
+    t = torch.randint(0, len(alphas_cumprod), (b,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    abar = alphas_cumprod[t].view((b,) + (1,) * (x0.ndim - 1))
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    labels = _drop_labels(model, labels, generator, label_dropout)
+    return (model.predict(x_t, t, labels) - noise).pow(2).mean()
+
+
+def _drop_labels(model: RefModel, labels: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:
+    drop = torch.rand(labels.shape[0], generator=generator) < p
+    return torch.where(drop, torch.full_like(labels, model.spec.null_class), labels)
 
 
 def train(
@@ -66,6 +95,9 @@ def train(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = RefModel(spec)
+    # DiT's label embedding drops labels itself in train mode; the loss drops them (seeded) instead.
+    model.eval()
+    loss_fn = epsilon_loss if spec.prediction == "epsilon" else flow_matching_loss
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     warmup = 200
@@ -80,7 +112,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
         x0, labels = draw_batch(spec, batch, generator)
-        loss = flow_matching_loss(model, x0, labels, generator)
+        loss = loss_fn(model, x0, labels, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
