@@ -116,6 +116,13 @@ def test_dit_and_latte_train_and_sample_on_a_tiny_config(name, tmp_path):
     assert stats.steps == 4 and stats.forwards == 8 and stats.macs_executed < stats.macs_full
     assert not torch.equal(cached, separate)
     assert torch.equal(pipe([0, 8 - 1], num_inference_steps=4, seed=1), separate)  # removed = untouched
+    # Batched CFG without any cache context (what DiTPipeline and LattePipeline do): one forward per step,
+    # placed from the timestep alone.
+    handle = ditcache.apply(pipe.transformer, "fora-2")
+    pipe([0, 8 - 1], num_inference_steps=4, seed=1, cfg_mode="batched")
+    records = handle.records()
+    handle.remove()
+    assert [(r.step, r.branch) for r in records] == [(i, "default") for i in range(4)]
 
 
 def test_ref_dit_samples_with_ddim_and_the_null_class():
