@@ -16,12 +16,14 @@ from .engine import BranchState, CacheHandle, ForwardInfo, ModelView, Stats
 from .policies import (
     MixCacheConfig,
     NoCacheConfig,
+    OmniCacheHierarchicalConfig,
     OmniCacheTrajectoryConfig,
     Policy,
     PreciseCacheConfig,
     ReuseScheduleConfig,
     StaticIntervalConfig,
     TeaCacheConfig,
+    TokenCacheConfig,
 )
 from .policies.auto import AutoConfig
 from .registry import config_from_dict, parse_policy, preset, presets, register_policy, register_preset
@@ -40,6 +42,7 @@ __all__ = [
     "ModelAdapter",
     "ModelView",
     "NoCacheConfig",
+    "OmniCacheHierarchicalConfig",
     "OmniCacheTrajectoryConfig",
     "Policy",
     "PolicyConfig",
@@ -48,6 +51,7 @@ __all__ = [
     "StaticIntervalConfig",
     "Stats",
     "TeaCacheConfig",
+    "TokenCacheConfig",
     "TuneResult",
     "apply",
     "calibrate",

@@ -285,6 +285,28 @@ def tiny_omnicache_trajectory_profile(model: torch.nn.Module, num_steps: int) ->
     )
 
 
+def tiny_omnicache_layered_profile(model: torch.nn.Module, num_steps: int) -> Profile:
+    """OmniCache layered: every block costs 1 MAC of a forward of blocks + 1; the middle blocks have the lowest
+    loss, so the 2x / 3x schedules reuse them first (from step 1, at most 4 steps in a row)."""
+    from .calibration.omnicache_layered import DEFAULT_INTERVAL, chain_parents, schedules
+
+    blocks = _num_blocks(model)
+    middle = (blocks - 1) / 2
+    data = {
+        "loss": [
+            [0.0] + [0.01 * (1 + abs(p - middle)) * (1 + s / num_steps) for s in range(1, num_steps)]
+            for p in range(blocks)
+        ],
+        "block_macs": [1] * blocks,
+        "forward_macs": blocks + 1,
+        "latency": "macs",
+        "interval": DEFAULT_INTERVAL,
+        "parents": chain_parents(blocks),
+    }
+    data["schedules"] = schedules(data, (2.0, 3.0), blocks)
+    return _synthetic_profile("omnicache-layered", model, num_steps, data)
+
+
 def tiny_threshold_profile(method: str) -> Callable[[torch.nn.Module, int], Profile]:
     """TeaCache / PreciseCache: a real calibration (their statistic's scale is what matters) on an Euler + CFG
     loop over `tiny_inputs` of the model's family, not saved."""
@@ -322,6 +344,7 @@ TINY_PROFILE_MAKERS: dict[str, Callable[[torch.nn.Module, int], Profile]] = {
     "auto": tiny_auto_profile,
     "mixcache": tiny_mixcache_profile,
     "omnicache-trajectory": tiny_omnicache_trajectory_profile,
+    "omnicache-layered": tiny_omnicache_layered_profile,
     "teacache": tiny_threshold_profile("teacache"),
     "precisecache": tiny_threshold_profile("precisecache"),
 }

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import mixcache, omnicache, thresholds
+from . import mixcache, omnicache, omnicache_layered, thresholds, tokencache
 from .profiles import Profile, save_user_profile
 from .record import CalibrationRun
 
@@ -46,8 +46,9 @@ def calibrate(
 
     Args:
         target: a diffusers pipeline (its `.transformer` is calibrated) or a supported transformer.
-        method: a registered calibration method: "mixcache", "omnicache-trajectory", "teacache",
-            "precisecache" (the last two: the per-step statistic their `target_reuse` thresholds come from).
+        method: a registered calibration method: "mixcache", "omnicache-trajectory", "omnicache-layered"
+            (per (layer, step) loss and cost for OmniCache's layered schedule), "teacache", "precisecache" (the
+            last two: the per-step statistic their `target_reuse` thresholds come from).
         num_steps: sampling steps of the calibration generations (profiles are per step count).
         run: a callable that performs one generation with the model (a hand-written loop); it should return
             the final latent in the model's input layout when it can (OmniCache uses it as the trajectory's
@@ -128,5 +129,7 @@ def _calibration_run(
 
 register_calibrator("mixcache", mixcache.calibrate)
 register_calibrator("omnicache-trajectory", omnicache.calibrate)
+register_calibrator("omnicache-layered", omnicache_layered.calibrate)
 register_calibrator("teacache", thresholds.calibrate_teacache)
 register_calibrator("precisecache", thresholds.calibrate_precisecache)
+register_calibrator("tokencache", tokencache.calibrate)

@@ -193,7 +193,8 @@ class BlockCall:
 
     `arguments` holds every block argument by name (bound to the block's forward signature once per class);
     `inputs()` the carried tensors the adapter names. Verbs: `run()`; `run_tokens(index, base)` computes only
-    some image/video tokens and fills the rest from `base`; `skip(residuals)` = input + cached residual;
+    some image/video tokens and fills the rest from `base`; `run_rows(rows, base, index=None)` computes only
+    some batch rows (and tokens); `skip(residuals)` = input + cached residual;
     `replace(values)` returns cached outputs; `passthrough()` hands the inputs on; `call_with(replacements)`
     calls the block's own forward with some arguments replaced, without any accounting.
 
@@ -260,6 +261,27 @@ class BlockCall:
         from .token_run import run_token_subset
 
         return run_token_subset(self, index, base)
+
+    def run_rows(
+        self,
+        rows: torch.Tensor | None,
+        base: torch.Tensor | dict[str, torch.Tensor | None],
+        index: torch.Tensor | None = None,
+        stream: torch.Tensor | None = None,
+    ) -> Any:
+        """Run the block on some of its batch rows only (and, with `index`, on some tokens of those rows); the
+        other rows and tokens come from `base`.
+
+        `rows`: int64 `(r,)`, strictly increasing block batch rows (None = every row); a Latte spatial block
+        has one frame per row, a temporal block one patch position per row. `index`: None (all tokens), `(k,)`
+        or `(r, k)` token indices of the kept rows, as in `run_tokens`. `stream`: an optional replacement of
+        the token stream input (same shape; e.g. merged tokens). Every argument whose first size is the block's
+        batch is sliced to the kept rows; MACs are measured at the executed shape. All rows, all tokens and no
+        `stream` = `run()`; no rows = `base`.
+        """
+        from .row_run import run_row_subset
+
+        return run_row_subset(self, rows, base, index, stream)
 
     def call_with(self, replacements: Mapping[str, Any]) -> tuple[Any, tuple, dict[str, Any]]:
         """Call the block's own forward with some arguments replaced (no accounting): (output, args, kwargs)."""
