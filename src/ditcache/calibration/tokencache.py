@@ -163,10 +163,8 @@ class TokenCacheTrainer(Policy):
     def block(self, call: BlockCall) -> Any:
         name, position = call.ref.spec.token_stream, call.ref.position
         stream = call.arguments[name]
-        if self.mode == "relaxed":
-            output = self._relaxed(call, name, position, stream)
-        else:
-            output = self._hard(call, position)
+        relaxed = self.mode == "relaxed"
+        output = self._relaxed(call, name, position, stream) if relaxed else self._hard(call, position)
         if position == self.model_view.num_blocks - 1:
             self.final = call.outputs_of(output)[name]
         return output
@@ -374,7 +372,7 @@ def _score_statistics(
     counts = [0] * num_steps
     fractions = [0.0] * len(cacheable)
     pairs = 0
-    for (branch, step), arguments in sorted(recorder.block0.items()):
+    for (_branch, step), arguments in sorted(recorder.block0.items()):
         scores = predictor(**arguments)[..., cacheable]
         sums[step] += float(scores.mean())
         counts[step] += 1

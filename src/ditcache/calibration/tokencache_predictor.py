@@ -100,8 +100,9 @@ class LoRA(torch.nn.Module):
         handles = []
         try:
             for name, module in block.named_modules():
-                adapter = self.adapters[_key(position, name)] if _key(position, name) in self.adapters else None
-                if adapter is not None:
+                key = _key(position, name)
+                if key in self.adapters:
+                    adapter = self.adapters[key]
                     handles.append(
                         module.register_forward_hook(lambda mod, args, out, a=adapter: out + a(args[0]).to(out.dtype))
                     )
