@@ -25,7 +25,7 @@ from .cli_pipeline import (
 from .registry import presets
 
 REF_MODELS = ("ref-image", "ref-video", "ref-dit", "ref-latte")  # refmodels.SPECS, without importing it
-CALIBRATION_METHODS = ("omnicache-trajectory", "mixcache", "teacache", "precisecache")
+CALIBRATION_METHODS = ("omnicache-trajectory", "omnicache-layered", "mixcache", "teacache", "precisecache")
 
 
 def _calibration_method(name: str) -> str:
@@ -170,7 +170,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration.profiles import PROFILE_DIR
     from .refmodels import RefPipeline
 
+    if args.speedup is not None and args.method != "omnicache-layered":
+        raise ValueError("--speedup is for omnicache-layered (the speedups of the schedules listed in its profile)")
     if args.pipeline is not None:
+        if args.speedup is not None:
+            raise ValueError(
+                "--speedup is for reference models; a --pipeline profile lists the 2x and 3x schedules, and "
+                "OmniCacheHierarchicalConfig(layered_speedup=...) computes any other from the profile"
+            )
         return _calibrate_pipeline(args)
     _reference_model(args)
     if args.guidance is not None:
@@ -188,6 +195,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         save=False,
     )
     profile.data.update(generation.meta)
+    if args.method == "omnicache-layered" and args.speedup:
+        from .calibration.omnicache_layered import schedules
+
+        profile.data["schedules"] = schedules(profile.data, args.speedup, len(profile.data["loss"]))
     out = Path(args.out) if args.out else PROFILE_DIR / f"{args.method}-{args.model}-{args.steps}.json"
     profile.save(out)
     _print_profile_summary(args.method, profile.data, args.steps)
@@ -300,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         "method",
         type=_calibration_method,
         choices=CALIBRATION_METHODS,
-        help="omnicache-trajectory (presets omnicache-traj-slow/fast; formerly `omnicache`) or mixcache",
+        help="omnicache-trajectory (presets omnicache-traj-slow/fast; formerly `omnicache`), omnicache-layered "
+        "(presets omnicache-layered-2x/3x), mixcache, teacache or precisecache",
     )
     _model_or_pipeline(cal, "calibrate on")
     cal.add_argument(
@@ -308,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="with --pipeline: the CFG scale (default: from --call true_cfg_scale= or guidance_scale=)",
+    )
+    cal.add_argument(
+        "--speedup",
+        type=float,
+        action="append",
+        default=None,
+        help="omnicache-layered: MACs speedup of a schedule listed in the profile, repeatable (default 2 and 3; "
+        "the policy computes the schedule at its own layered_speedup from the profile's loss table)",
     )
     cal.add_argument("--steps", type=int, default=50)
     cal.add_argument("--samples", type=int, default=8)

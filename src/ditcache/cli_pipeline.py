@@ -133,6 +133,10 @@ def _print_profile_summary(method: str, data: dict, steps: int) -> None:
         for speed, reused in data["schedules"].items():
             print(f"{speed}: reuse {len(reused)}/{steps} steps: {reused}")
         print("gamma: " + ", ".join(f"{g:.2f}" for g in data["gamma"]))
+    elif method == "omnicache-layered":
+        for speedup, schedule in data["schedules"].items():
+            cells = schedule["cells"]
+            print(f"{speedup}x: reuse {len(cells)} (block, step) cells, MACs speedup {schedule['macs_speedup']:.2f}")
     elif method in ("teacache", "precisecache"):
         values = ", ".join("-" if v is None else f"{v:.4f}" for v in data["values"])
         print(f"per-step {'rel-L1 of the modulated input' if method == 'teacache' else 'LFD'}: {values}")
@@ -150,6 +154,7 @@ def _print_profile_summary(method: str, data: dict, steps: int) -> None:
 CALIBRATED_PRESETS = {
     "mixcache": "mixcache-acc / mixcache-eff",
     "omnicache-trajectory": "omnicache-traj-slow / -fast",
+    "omnicache-layered": "omnicache-layered-2x / -3x, omnicache-hier-layered-2x",
     "teacache": "teacache-2x / teacache-3x",
     "precisecache": "precisecache-2x / precisecache-3x",
 }
