@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ..config import PolicyConfig
 from ..engine.calls import BlockCall, ForwardCall
 from ..policies.base import Policy
-from ..policies.tokencache import METHOD, run_cached_block
+from ..policies.tokencache import METHOD, run_cached_block, supports_full_context
 from ..policies.tokencache_schedule import block_keep_counts, istep_schedule, top_tokens
 from ..registry import register_policy
 from .profiles import Profile, ProfileMismatchError, find_profile, model_fingerprint
@@ -154,6 +154,7 @@ class TokenCacheTrainer(Policy):
         self.cache: dict[int, torch.Tensor] = {}
         self.cacheable: list[int] = []
         self.ratio = 0.9
+        self.full_context = False  # LoRA stage: updated tokens attend to every token (attention="all")
         self.force_alpha: float | None = None  # relaxed pass with a constant a (0 = everything cached)
         self.alpha: torch.Tensor | None = None
         self.final: torch.Tensor | None = None
@@ -189,7 +190,7 @@ class TokenCacheTrainer(Policy):
         if position in self.cacheable:
             with torch.no_grad():
                 index = top_tokens(self._scores[..., position], self._counts[position])
-                return run_cached_block(call, index, self.cache[position])[0]
+                return run_cached_block(call, index, self.cache[position], self.full_context)[0]
         if self.lora is not None and position in self.lora.positions:
             with self.lora.applied(position, call.ref.module):
                 return call.run()
@@ -240,6 +241,7 @@ def train_tokencache(
     handle = apply(model, TokenCacheTrainConfig())
     trainer: TokenCacheTrainer = handle.policy
     trainer.cacheable, trainer.ratio = cacheable, options.ratio
+    trainer.full_context = supports_full_context(trainer.model_view)
     budget = options.minutes * 60.0
     history: dict[str, list[float]] = {"predictor": [], "lora": []}
     try:
@@ -334,6 +336,7 @@ def train_tokencache(
         "lora_rank": options.lora_rank if lora is not None else None,
         "lora_positions": sorted(lora.positions) if lora is not None else [],
         "lambda": options.lambda_,
+        "attention": "all" if supports_full_context(recorder.model_view) else "kept",  # of the LoRA stage
         "ratio": options.ratio,
         "beta": beta,
         "mean_scores": mean_scores,
@@ -442,3 +445,22 @@ def load_profile(view: Any, num_steps: int, path: str | None = None) -> LoadedPr
     if not all(math.isfinite(v) for v in scores) or len(scores) != num_steps:
         raise ProfileMismatchError(f"profile's mean_scores must hold {num_steps} finite values")
     return LoadedProfile(profile, predictor, lora, int(data["refiners"]), beta, scores)
+
+
+# ------------------------------------------------------------------------------------------------- tiny models
+def tiny_profile(model: torch.nn.Module, num_steps: int) -> TokenCacheProfile:
+    """A quickly trained profile for a tiny test model (`ditcache.testing`): a few iterations of both stages on
+    an Euler + CFG loop over `tiny_inputs` of the model's family; K = 1. For the contract suite and examples."""
+    from .. import testing
+
+    family = testing.family_of(model) if hasattr(testing, "family_of") else testing.TINY_FAMILIES[type(model)]
+    inputs = testing.tiny_inputs(family)
+    uncond = testing.tiny_uncond_inputs(family, inputs)
+
+    def run(handle: Any) -> torch.Tensor:
+        return testing.euler_sample(model, family, inputs, num_steps, uncond, handle=handle)
+
+    options = TrainOptions(iterations=6, lora_iterations=3, minutes=1.0, progress=False)
+    profile = train_tokencache(model, CalibrationRun(run, num_steps, 3.0), f"tiny-{type(model).__name__}", options)
+    profile.data["synthetic"] = True  # a few iterations: a working profile, not a useful predictor
+    return profile

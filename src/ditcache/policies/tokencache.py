@@ -16,7 +16,9 @@ The predictor, its LoRA and the per-step mean scores come from a profile made by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +32,7 @@ from .tokencache_schedule import ISTEP_SCHEDULES, block_keep_counts, istep_sched
 
 METHOD = "tokencache"
 SELECTIONS = ("learned", "random", "norm")
+ATTENTIONS = ("auto", "kept", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,12 @@ class TokenCacheConfig(PolicyConfig):
             for).
         lora (`bool`, defaults to `True`):
             Run the refiners with the profile's LoRA weights at P-steps that cache something.
+        attention (`str`, defaults to `"auto"`):
+            What the updated tokens attend to at a P-step: `"kept"` (only the other updated tokens: the block
+            runs on the subset, `BlockCall.run_tokens`; cheapest), `"all"` (every token of the block's input,
+            cached ones included, as Eq. 6 writes f(x^{l-1}): queries from the updated tokens, keys / values
+            from all; DiT-style blocks only, whose self-attention `attn1` takes keys / values as
+            `encoder_hidden_states`) or `"auto"` (`"all"` where supported, else `"kept"`).
         seed (`int`, defaults to `0`):
             Seed of `selection="random"`, >= 0.
         profile (`str`, *optional*, defaults to `None`):
@@ -107,6 +116,7 @@ class TokenCacheConfig(PolicyConfig):
     selection: str = "learned"
     refiners: int | None = None
     lora: bool = True
+    attention: str = "auto"
     seed: int = 0
     profile: str | None = None
 
@@ -125,6 +135,7 @@ class TokenCacheConfig(PolicyConfig):
         if self.refiners is not None:
             check_int("refiners", self.refiners, 0, 64)
         check_bool("lora", self.lora)
+        check_choice("attention", self.attention, ATTENTIONS)
         check_int("seed", self.seed, 0)
         if self.profile is not None and not isinstance(self.profile, str):
             raise ValueError(f"profile must be None or a path string, got {self.profile!r}")
@@ -159,6 +170,7 @@ class Setup:
 
     i_steps: list[int]
     refiners: int
+    full_context: bool = False  # updated tokens attend to every token (attention="all")
     predictor: torch.nn.Module | None = None
     lora: Any = None  # calibration.tokencache_predictor.LoRA
 
@@ -192,9 +204,16 @@ class TokenCachePolicy(Policy):
 
     def _build_setup(self, num_steps: int) -> Setup:
         config = self.config
+        full_context = supports_full_context(self.model_view)
+        if config.attention == "all" and not full_context:
+            raise ValueError(
+                f'attention="all" needs DiT-style blocks (self-attention attn1 taking keys / values as '
+                f'encoder_hidden_states); this {self.adapter.name} model supports attention="kept" (or "auto")'
+            )
+        full_context = full_context and config.attention != "kept"
         if not config.needs_profile:
             steps = istep_schedule([0.0] * num_steps, config.full_step_count(num_steps), mode="uniform")
-            return Setup(steps, config.refiners)
+            return Setup(steps, config.refiners, full_context)
         from ..calibration.tokencache import load_profile
 
         loaded = load_profile(self.model_view, num_steps, config.profile)
@@ -205,7 +224,8 @@ class TokenCachePolicy(Policy):
         lora = loaded.lora if config.lora and loaded.lora is not None and refiners > 0 else None
         if lora is not None and not lora.positions & set(range(num_blocks - refiners, num_blocks)):
             lora = None
-        return Setup(steps, refiners, loaded.predictor if config.selection == "learned" else None, lora)
+        predictor = loaded.predictor if config.selection == "learned" else None
+        return Setup(steps, refiners, full_context, predictor, lora)
 
     # ------------------------------------------------------------------ hooks
     def forward(self, call: ForwardCall) -> Any:
@@ -240,7 +260,7 @@ class TokenCachePolicy(Policy):
             return call.run()
         keep = state.counts.get(position, stream.shape[1])
         index = self._index(call, state, position, keep, update)
-        output, state.updates[position] = run_cached_block(call, index, update)
+        output, state.updates[position] = run_cached_block(call, index, update, setup.full_context)
         return output
 
     def _cacheable(self, position: int, stream: torch.Tensor, setup: Setup, state: TokenCacheState) -> bool:
@@ -286,14 +306,21 @@ def run_and_store_update(call: BlockCall) -> tuple[Any, torch.Tensor]:
     return output, call.forward.store(call.outputs_of(output)[name] - stream)
 
 
-def run_cached_block(call: BlockCall, index: torch.Tensor, update: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """Eq. 6 with hard decisions: the tokens at `index` (rows, k) run, the others are input + cached update.
-    Returns (output, the update with the fresh tokens' updates written in, stored)."""
+def run_cached_block(
+    call: BlockCall, index: torch.Tensor, update: torch.Tensor, full_context: bool = False
+) -> tuple[Any, torch.Tensor]:
+    """Eq. 6 with hard decisions: the tokens at `index` (rows, k) run, the others are input + cached update;
+    with `full_context` the running tokens attend to every token (`attend_to_all_tokens`). Returns (output,
+    the update with the fresh tokens' updates written in, stored)."""
     name = call.ref.spec.token_stream
     stream = call.arguments[name]
     if index.shape[-1] == stream.shape[1]:
         return run_and_store_update(call)
-    output = call.run_tokens(index, stream + update)
+    if full_context and index.shape[-1] > 0:
+        with attend_to_all_tokens(call, index):
+            output = call.run_tokens(index, stream + update)
+    else:
+        output = call.run_tokens(index, stream + update)
     if index.shape[-1] == 0:
         return output, update
     fresh = call.outputs_of(output)[name]
@@ -301,6 +328,60 @@ def run_cached_block(call: BlockCall, index: torch.Tensor, update: torch.Tensor)
     gather = rows_index.unsqueeze(-1).expand(-1, -1, stream.shape[-1])
     new = update.scatter(1, gather, fresh.gather(1, gather) - stream.gather(1, gather))
     return output, call.forward.store(new)
+
+
+def supports_full_context(view: Any) -> bool:
+    """attention="all" works on blocks whose self-attention `attn1` is a diffusers `Attention` that takes keys /
+    values from `encoder_hidden_states` without rotary positions (DiT's adaLN-Zero `BasicTransformerBlock`)."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    return view.adapter.name == "dit" and all(
+        isinstance(ref.module, BasicTransformerBlock) and not ref.module.only_cross_attention for ref in view.blocks
+    )
+
+
+class _ContextCost(torch.nn.Module):
+    """What attending to every token adds to a token-subset run: keys / values of the other tokens and the
+    attention of the running queries over them (MACs only: measured by the flop counter, never used)."""
+
+    def __init__(self, attention: torch.nn.Module) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, query: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+        attn = self.attention
+        heads = attn.heads
+        key, value = attn.to_k(others), attn.to_v(others)
+        split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+        return torch.nn.functional.scaled_dot_product_attention(split(query), split(key), split(value))
+
+
+@contextlib.contextmanager
+def attend_to_all_tokens(call: BlockCall, index: torch.Tensor) -> Iterator[None]:
+    """While a token-subset run of this DiT block is inside, its self-attention takes queries from the running
+    tokens and keys / values from every token of the block's input (the adaLN-modulated `norm1` output of
+    all tokens), through a forward pre-hook on `attn1` removed on exit. The extra keys / values and attention
+    are counted in MACs like a token-subset run."""
+    block = call.ref.module
+    context = call.forward.engine.adapter.modulated_input(block, call.arguments)
+    attention = block.attn1
+
+    def inject(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, {**kwargs, "encoder_hidden_states": context}
+
+    handle = attention.register_forward_pre_hook(inject, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+    rows, kept, others = context.shape[0], index.shape[-1], context.shape[1] - index.shape[-1]
+    example = {
+        "query": torch.empty(rows, kept, context.shape[-1], dtype=context.dtype, device=context.device),
+        "others": torch.empty(rows, others, context.shape[-1], dtype=context.dtype, device=context.device),
+    }
+    key = ("tokencache-context", call.ref.position, shape_key(example))
+    call.forward.record.token_runs.append(key)
+    call.forward.engine.remember_block_example(key, _ContextCost(attention), (), example)
 
 
 def predict_scores(call: BlockCall, predictor: torch.nn.Module) -> torch.Tensor:
