@@ -347,7 +347,16 @@ TINY_PROFILE_MAKERS: dict[str, Callable[[torch.nn.Module, int], Profile]] = {
     "omnicache-layered": tiny_omnicache_layered_profile,
     "teacache": tiny_threshold_profile("teacache"),
     "precisecache": tiny_threshold_profile("precisecache"),
+    "tokencache": lambda model, num_steps: _tokencache_tiny_profile(model, num_steps),
 }
+
+
+def _tokencache_tiny_profile(model: torch.nn.Module, num_steps: int) -> Profile:
+    """TokenCache: a predictor and LoRA trained for a few iterations on the tiny model (weights saved next to the
+    JSON by the profile's `save`)."""
+    from .calibration.tokencache import tiny_profile
+
+    return tiny_profile(model, num_steps)
 
 
 def write_tiny_profiles(
