@@ -25,7 +25,14 @@ from .cli_pipeline import (
 from .registry import presets
 
 REF_MODELS = ("ref-image", "ref-video", "ref-dit", "ref-latte")  # refmodels.SPECS, without importing it
-CALIBRATION_METHODS = ("omnicache-trajectory", "omnicache-layered", "mixcache", "teacache", "precisecache")
+CALIBRATION_METHODS = (
+    "omnicache-trajectory",
+    "omnicache-layered",
+    "mixcache",
+    "teacache",
+    "precisecache",
+    "tokencache",
+)
 
 
 def _calibration_method(name: str) -> str:
@@ -312,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_calibration_method,
         choices=CALIBRATION_METHODS,
         help="omnicache-trajectory (presets omnicache-traj-slow/fast; formerly `omnicache`), omnicache-layered "
-        "(presets omnicache-layered-2x/3x), mixcache, teacache or precisecache",
+        "(presets omnicache-layered-2x/3x), mixcache, teacache, precisecache or tokencache (trains the Cache "
+        "Predictor and LoRA refiners; weights next to the profile)",
     )
     _model_or_pipeline(cal, "calibrate on")
     cal.add_argument(

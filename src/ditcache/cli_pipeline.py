@@ -137,6 +137,14 @@ def _print_profile_summary(method: str, data: dict, steps: int) -> None:
         for speedup, schedule in data["schedules"].items():
             cells = schedule["cells"]
             print(f"{speedup}x: reuse {len(cells)} (block, step) cells, MACs speedup {schedule['macs_speedup']:.2f}")
+    elif method == "tokencache":
+        loss = data["loss"]["predictor"] or {"first": float("nan"), "last": float("nan")}
+        print(
+            f"predictor: {data['iterations'][0]} iterations, loss {loss['first']:.4f} -> {loss['last']:.4f}; LoRA on "
+            f"blocks {data['lora_positions']} ({data['iterations'][1]} iterations); {data['seconds']} s"
+        )
+        print(f"I-steps (eq13, {data['full_steps']}, beta {data['beta']:.2f}): {data['i_steps']}")
+        print("block update fractions at r = 0.9: " + ", ".join(f"{f:.3f}" for f in data["block_fractions"]))
     elif method in ("teacache", "precisecache"):
         values = ", ".join("-" if v is None else f"{v:.4f}" for v in data["values"])
         print(f"per-step {'rel-L1 of the modulated input' if method == 'teacache' else 'LFD'}: {values}")
@@ -157,6 +165,7 @@ CALIBRATED_PRESETS = {
     "omnicache-layered": "omnicache-layered-2x / -3x, omnicache-hier-layered-2x",
     "teacache": "teacache-2x / teacache-3x",
     "precisecache": "precisecache-2x / precisecache-3x",
+    "tokencache": "tokencache / tokencache-fast / tokencache-safe",
 }
 
 

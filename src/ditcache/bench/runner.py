@@ -35,6 +35,7 @@ DEFAULT_POLICIES = (
     "mixcache-eff",
     "omnicache-traj-slow",
     "omnicache-traj-fast",
+    "tokencache",
 )
 
 
