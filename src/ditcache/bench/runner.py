@@ -36,6 +36,7 @@ DEFAULT_POLICIES = (
     "omnicache-traj-slow",
     "omnicache-traj-fast",
     "tokencache",
+    "omnicache-hier",
 )
 
 

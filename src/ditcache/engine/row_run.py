@@ -20,7 +20,7 @@ import torch
 
 from .calls import shape_key
 from .token_run import _map_tensors, _take_rows, _token_args
-from .tokens import check_index, gather_tokens, scatter_tokens
+from .tokens import check_index, gather_tokens
 
 if TYPE_CHECKING:
     from .calls import BlockCall
@@ -83,12 +83,15 @@ def run_row_subset(
         if full is None or pieces[0] is None:
             values[name] = None
             continue
-        out = full.clone()
+        out = full.clone()  # the only copy: fresh rows / tokens are written into it in place
         for (group_rows, _), piece in zip(parts, pieces):
             device_rows = group_rows.to(out.device)
             if name == spec.token_stream and index is not None:
-                piece = scatter_tokens(full.index_select(0, device_rows), _piece_index(index, rows, group_rows), piece)
-            out.index_copy_(0, device_rows, piece.to(out.dtype))
+                tokens = _piece_index(index, rows, group_rows).to(out.device)
+                tokens = tokens.expand(len(device_rows), -1) if tokens.ndim == 1 else tokens
+                out.index_put_((device_rows[:, None].expand_as(tokens), tokens), piece.to(out.dtype))
+            else:
+                out.index_copy_(0, device_rows, piece.to(out.dtype))
         values[name] = out
     fraction = kept_rows * kept_tokens / (batch * num_tokens)
     call._count(round(kept_rows * kept_tokens / batch), fraction)
