@@ -29,12 +29,12 @@ from ditcache.calibration.profiles import (
 )
 from ditcache.engine.engine import ENGINE_ATTR
 from ditcache.testing import (
-    TINY_DIT_CLASSES,
     TINY_MODELS,
     TINY_PROFILE_MAKERS,
     timestep_scale,
     tiny_inputs,
     tiny_model,
+    tiny_negative_inputs,
     tiny_uncond_inputs,
     write_tiny_profiles,
 )
@@ -258,10 +258,7 @@ def test_state_across_generations_and_reset(preset, family):
 def test_cond_branch_ignores_uncond_inputs(preset, family):
     model = _model(family)
     inputs, uncond = _cfg_inputs(family)
-    if family == "dit":  # another class as the negative
-        other = dict(uncond, class_labels=(inputs["class_labels"] + 1) % TINY_DIT_CLASSES)
-    else:
-        other = dict(uncond, encoder_hidden_states=torch.randn(uncond["encoder_hidden_states"].shape))
+    other = tiny_negative_inputs(family, inputs)
     runs = []
     for negative in (uncond, other):
         handle = ditcache.apply(model, preset)

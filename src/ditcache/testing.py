@@ -12,148 +12,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (
-    DiTTransformer2DModel,
-    FluxTransformer2DModel,
-    LatteTransformer3DModel,
-    SD3Transformer2DModel,
-    WanTransformer3DModel,
-)
 
-from .adapters.flux import flux_image_ids
 from .calibration.profiles import Profile, model_fingerprint
+from .tiny import family_of, tiny_families, tiny_family
 
-TINY_MODELS = ("flux", "sd3", "wan", "dit", "latte")
-TINY_DIT_CLASSES = 10  # class ids 0..9; 10 is the null class (CFG)
-TINY_FAMILIES = {
-    FluxTransformer2DModel: "flux",
-    SD3Transformer2DModel: "sd3",
-    WanTransformer3DModel: "wan",
-    DiTTransformer2DModel: "dit",
-    LatteTransformer3DModel: "latte",
-}
+TINY_MODELS = tiny_families()  # every registered tiny family (`ditcache/tiny/`, one file each)
 
 
 def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """The tiny model of a family (`TINY_MODELS`), random weights from `seed`, in eval mode."""
+    family = tiny_family(name)
     torch.manual_seed(seed)
-    if name == "flux":
-        model = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=4,
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=16,
-            pooled_projection_dim=16,
-            axes_dims_rope=(2, 2, 4),
-        )
-    elif name == "sd3":
-        model = SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=4,
-            num_layers=3,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            caption_projection_dim=16,
-            joint_attention_dim=16,
-            pooled_projection_dim=16,
-            out_channels=4,
-        )
-    elif name == "wan":
-        model = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=4,
-            text_dim=16,
-            freq_dim=16,
-            ffn_dim=32,
-            num_layers=3,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32,
-        )
-    elif name == "dit":
-        model = DiTTransformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=4,
-            num_layers=3,
-            sample_size=8,
-            patch_size=2,
-            num_embeds_ada_norm=TINY_DIT_CLASSES,
-        )
-    elif name == "latte":
-        model = LatteTransformer3DModel(
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=4,
-            num_layers=2,
-            cross_attention_dim=16,
-            sample_size=8,
-            patch_size=2,
-            activation_fn="gelu-approximate",
-            norm_type="ada_norm_single",
-            norm_elementwise_affine=False,
-            norm_eps=1e-6,
-            caption_channels=16,
-            video_length=3,
-        )
-    else:
-        raise ValueError(f"name must be one of {TINY_MODELS}, got {name!r}")
-    return model.eval()
+    return family.build().eval()
 
 
 def tiny_inputs(name: str, batch: int = 1, seed: int = 1, size: int = 8, frames: int = 3) -> dict[str, Any]:
     """Conditioning inputs (everything but the latent and the timestep) and the initial latent."""
-    g = torch.Generator().manual_seed(seed)
-    if name == "flux":
-        ids = flux_image_ids(size, size)
-        return {
-            "hidden_states": torch.randn(batch, size * size, 4, generator=g),
-            "encoder_hidden_states": torch.randn(batch, 5, 16, generator=g),
-            "pooled_projections": torch.randn(batch, 16, generator=g),
-            "img_ids": ids,
-            "txt_ids": torch.zeros(5, 3),
-        }
-    if name == "sd3":
-        return {
-            "hidden_states": torch.randn(batch, 4, size, size, generator=g),
-            "encoder_hidden_states": torch.randn(batch, 5, 16, generator=g),
-            "pooled_projections": torch.randn(batch, 16, generator=g),
-        }
-    if name in ("wan", "latte"):
-        return {
-            "hidden_states": torch.randn(batch, 4, frames, size, size, generator=g),
-            "encoder_hidden_states": torch.randn(batch, 5, 16, generator=g),
-        }
-    if name == "dit":
-        return {
-            "hidden_states": torch.randn(batch, 4, size, size, generator=g),
-            "class_labels": torch.randint(0, TINY_DIT_CLASSES, (batch,), generator=g),
-        }
-    raise ValueError(f"name must be one of {TINY_MODELS}, got {name!r}")
+    return tiny_family(name).inputs(batch, torch.Generator().manual_seed(seed), size, frames)
 
 
 def tiny_uncond_inputs(name: str, inputs: dict[str, Any]) -> dict[str, Any]:
     """The unconditional (CFG) counterpart of `tiny_inputs(...)` without the latent: zero text, or DiT's null
     class."""
-    uncond = {k: v for k, v in inputs.items() if k != "hidden_states"}
-    if name == "dit":
-        uncond["class_labels"] = torch.full_like(inputs["class_labels"], TINY_DIT_CLASSES)
-    else:
-        uncond["encoder_hidden_states"] = torch.zeros_like(inputs["encoder_hidden_states"])
-    return uncond
+    return tiny_family(name).uncond(inputs)
+
+
+def tiny_negative_inputs(name: str, inputs: dict[str, Any], seed: int = 2) -> dict[str, Any]:
+    """Another negative than `tiny_uncond_inputs` (random text, or another class), same shapes."""
+    return tiny_family(name).negative(inputs, torch.Generator().manual_seed(seed))
 
 
 def timestep_scale(name: str) -> float:
-    """Flux takes sigma in [0, 1]; the other families take t in [0, 1000]."""
-    return 1.0 if name == "flux" else 1000.0
+    """The timestep at sigma = 1: Flux takes sigma in [0, 1]; the other families take t in [0, 1000]."""
+    return tiny_family(name).timestep_scale
 
 
 def _branch_context(model: torch.nn.Module, handle: Any) -> Any:
@@ -314,7 +205,7 @@ def tiny_threshold_profile(method: str) -> Callable[[torch.nn.Module, int], Prof
     def make(model: torch.nn.Module, num_steps: int) -> Profile:
         from .calibration.api import calibrate
 
-        family = TINY_FAMILIES[type(model)]
+        family = family_of(model)
         inputs = tiny_inputs(family)
         uncond = tiny_uncond_inputs(family, inputs)
 

@@ -1,0 +1,37 @@
+"""Tiny WanTransformer3DModel: 3 blocks, (B, 4, F, H, W) latents, patch 1x2x2."""
+
+import torch
+from diffusers import WanTransformer3DModel
+
+from .base import TinyFamily, register_tiny
+
+
+def video_inputs(batch: int, g: torch.Generator, size: int, frames: int) -> dict:
+    """A (B, 4, F, H, W) latent and 5 text tokens of width 16."""
+    return {
+        "hidden_states": torch.randn(batch, 4, frames, size, size, generator=g),
+        "encoder_hidden_states": torch.randn(batch, 5, 16, generator=g),
+    }
+
+
+WAN = register_tiny(
+    TinyFamily(
+        name="wan",
+        model_class=WanTransformer3DModel,
+        build=lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            text_dim=16,
+            freq_dim=16,
+            ffn_dim=32,
+            num_layers=3,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        ),
+        inputs=video_inputs,
+    )
+)
