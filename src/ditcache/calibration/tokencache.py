@@ -263,60 +263,54 @@ def train_tokencache(
                 baseline[key] = max(float((trainer.final - recorder.finals[key]).pow(2).mean()), 1e-20)
             return baseline[key]
 
+        def optimise(stage: str, iterations: int, deadline: float, optimizer: torch.optim.Optimizer) -> None:
+            """One training stage: random (branch, step) pairs, the cached pass of `trainer.mode` at step s with
+            the updates of step s - 1, loss relative to the all-cached error (+ lambda x mean(a) when relaxed)."""
+            bar = tqdm(range(iterations), desc=f"tokencache {stage}", disable=not options.progress)
+            for _ in bar:
+                if time.perf_counter() - start > deadline:
+                    break
+                key = rng.choice(pairs)
+                unit = cache_error(key)
+                trainer.force_alpha, trainer.cache = None, recorder.updates[(key[0], key[1] - 1)]
+                with torch.enable_grad():
+                    replay(key)
+                    cache_loss = (trainer.final - recorder.finals[key]).pow(2).mean() / unit
+                    cost = trainer.alpha[..., cacheable].mean() if trainer.mode == "relaxed" else cache_loss * 0
+                    loss = cache_loss + options.lambda_ * cost
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                optimizer.step()
+                history[stage].append(loss.item())
+                bar.set_postfix(loss=f"{loss.item():.4f}", cache=f"{cache_loss.item():.4f}", a=f"{cost.item():.3f}")
+
         # Stage 1: the predictor, relaxed decisions.
-        predictor.train()
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": predictor.block.parameters(), "lr": options.lr * 0.3},
-                {"params": predictor.head.parameters(), "lr": options.lr * 3},
-            ],
-            weight_decay=0.0,
+        trainer.mode, trainer.predictor = "relaxed", predictor.train()
+        groups = [
+            {"params": predictor.block.parameters(), "lr": options.lr * 0.3},
+            {"params": predictor.head.parameters(), "lr": options.lr * 3},
+        ]
+        train_lora = bool(options.refiners and options.lora_iterations)
+        optimise(
+            "predictor",
+            options.iterations,
+            budget * (0.75 if train_lora else 1.0),
+            torch.optim.AdamW(groups, weight_decay=0.0),
         )
-        trainer.predictor = predictor
-        stage1_budget = budget * (0.75 if options.refiners and options.lora_iterations else 1.0)
-        bar = tqdm(range(options.iterations), desc="tokencache predictor", disable=not options.progress)
-        for _ in bar:
-            if time.perf_counter() - start > stage1_budget:
-                break
-            key = rng.choice(pairs)
-            unit = cache_error(key)
-            trainer.mode, trainer.force_alpha, trainer.cache = "relaxed", None, recorder.updates[(key[0], key[1] - 1)]
-            with torch.enable_grad():
-                replay(key)
-                cache_loss = (trainer.final - recorder.finals[key]).pow(2).mean() / unit
-                cost = trainer.alpha[..., cacheable].mean()
-                loss = cache_loss + options.lambda_ * cost
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            optimizer.step()
-            history["predictor"].append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.4f}", cache=f"{cache_loss.item():.4f}", a=f"{cost.item():.3f}")
         predictor.eval().requires_grad_(False)
 
         # Stage 2: LoRA on the refiners, hard top-k decisions and token-subset runs.
         lora = None
-        if options.refiners and options.lora_iterations:
-            refiner_blocks = {
-                ref.position: ref.module for ref in recorder.model_view.blocks[num_blocks - options.refiners :]
-            }
-            lora = LoRA(refiner_blocks, options.lora_rank)
+        if train_lora:
+            refiners = recorder.model_view.blocks[num_blocks - options.refiners :]
+            lora = LoRA({ref.position: ref.module for ref in refiners}, options.lora_rank)
             trainer.mode, trainer.lora = "hard", lora
-            lora_optimizer = torch.optim.AdamW(lora.parameters(), lr=options.lora_lr, weight_decay=0.0)
-            bar = tqdm(range(options.lora_iterations), desc="tokencache LoRA", disable=not options.progress)
-            for _ in bar:
-                if time.perf_counter() - start > budget:
-                    break
-                key = rng.choice(pairs)
-                unit = cache_error(key)
-                trainer.mode, trainer.cache = "hard", recorder.updates[(key[0], key[1] - 1)]
-                with torch.enable_grad():
-                    replay(key)
-                    loss = (trainer.final - recorder.finals[key]).pow(2).mean() / unit
-                    lora_optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                lora_optimizer.step()
-                history["lora"].append(loss.item())
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+            optimise(
+                "lora",
+                options.lora_iterations,
+                budget,
+                torch.optim.AdamW(lora.parameters(), lr=options.lora_lr, weight_decay=0.0),
+            )
             lora.eval().requires_grad_(False)
     finally:
         handle.remove()
