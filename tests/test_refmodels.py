@@ -149,3 +149,20 @@ def test_cli_reference_model_names_match_the_specs():
 
     assert REF_MODELS == tuple(SPECS)
     assert get_spec("ref-dit").classifier_name == "ref-image" and get_spec("ref-latte").classifier_name == "ref-video"
+
+
+def test_training_continues_from_saved_weights(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    train("ref-image", spec=TINY_IMAGE, max_steps=2, batch=2, out_dir=first, progress=False)
+    meta = train(
+        "ref-image",
+        spec=TINY_IMAGE,
+        max_steps=1,
+        batch=2,
+        out_dir=second,
+        progress=False,
+        init_weights=first / "ref-image.safetensors",
+    )
+    assert meta["steps"] == 1 and [phase["steps"] for phase in meta["phases"]] == [2]
+    assert meta["cpu_seconds"] > 0
+    RefPipeline.from_pretrained("ref-image", weights_dir=second, spec=TINY_IMAGE)  # loads back

@@ -115,7 +115,14 @@ def _cmd_train_ref(args: argparse.Namespace) -> int:
 
     out_dir = args.out_dir
     if not args.classifier_only:
-        meta = train(args.model, max_steps=args.steps, minutes=args.minutes, seed=args.seed, out_dir=out_dir)
+        meta = train(
+            args.model,
+            max_steps=args.steps,
+            minutes=args.minutes,
+            seed=args.seed,
+            out_dir=out_dir,
+            init_weights=args.resume,
+        )
         print(json.dumps(meta, indent=2))
     # ref-dit / ref-latte share the data (and the classifier) of ref-image / ref-video.
     data_of = get_spec(args.model).classifier_name
@@ -276,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train-ref", help="train a reference model and its classifier (CPU, <= 30 min)")
     tr.add_argument("model", choices=REF_MODELS)
-    tr.add_argument("--minutes", type=float, default=28.0, help="time budget for the model (default 28)")
+    tr.add_argument("--minutes", type=float, default=28.0, help="CPU-time budget of the training process (default 28)")
+    tr.add_argument("--resume", default=None, help="continue from these weights (a .safetensors; its .json is kept)")
     tr.add_argument("--steps", type=int, default=100_000, help="step budget (default: time-limited)")
     tr.add_argument("--classifier-steps", type=int, default=800)
     tr.add_argument("--classifier-only", action="store_true", help="retrain only the metric classifier")

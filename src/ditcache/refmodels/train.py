@@ -10,7 +10,10 @@ with sigma drawn logit-normal (as in SD3). "epsilon" models (ref-dit) learn DDPM
 
 10% of labels are replaced by the null class so that the model also learns the unconditional prediction for
 classifier-free guidance, and an EMA of the weights is what gets saved. Training stops at `max_steps` or
-after `minutes`, whichever comes first.
+after `minutes` of CPU time of the training process (all its threads together; a run that shares the machine
+gets as much compute as one on an idle machine), whichever comes first. `init_weights` continues from saved
+weights (a run cut short, or a second phase): the budget then counts the new phase only, and the metadata
+keeps the earlier phases.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .data import sample_images, sample_videos
@@ -88,6 +91,7 @@ def train(
     out_dir: Path | None = None,
     spec: RefModelSpec | None = None,
     progress: bool = True,
+    init_weights: Path | None = None,
 ) -> dict:
     """Train one reference model; returns its metadata (also written next to the weights)."""
     spec = spec or get_spec(name)
@@ -95,19 +99,27 @@ def train(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = RefModel(spec)
+    previous: list[dict] = []
+    if init_weights is not None:
+        init_weights = Path(init_weights)
+        model.load_state_dict(load_file(str(init_weights)))
+        meta_path = init_weights.with_suffix(".json")
+        if meta_path.exists():
+            earlier = json.loads(meta_path.read_text())
+            previous = [*earlier.pop("phases", []), earlier]
     # DiT's label embedding drops labels itself in train mode; the loss drops them (seeded) instead.
     model.eval()
     loss_fn = epsilon_loss if spec.prediction == "epsilon" else flow_matching_loss
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     warmup = 200
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     losses: list[float] = []
     bar = tqdm(total=max_steps, desc=f"train {spec.name}", disable=not progress, mininterval=5)
     step = 0
-    while step < max_steps and time.time() - start < minutes * 60:
+    while step < max_steps and time.process_time() - cpu_start < minutes * 60:
         # Linear warm-up, then cosine decay over the time budget (the step budget may be larger).
-        progress_frac = min(1.0, max(step / max_steps, (time.time() - start) / (minutes * 60)))
+        progress_frac = min(1.0, max(step / max_steps, (time.process_time() - cpu_start) / (minutes * 60)))
         scale = min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
@@ -133,8 +145,11 @@ def train(
         "batch": batch,
         "seed": seed,
         "train_seconds": round(time.time() - start, 1),
+        "cpu_seconds": round(time.process_time() - cpu_start, 1),
         "final_loss": sum(losses[-100:]) / max(1, len(losses[-100:])),
     }
+    if previous:
+        meta["phases"] = previous
     out_dir = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in ema.state_dict().items()}
