@@ -25,22 +25,8 @@ FRAMES = 4
 def latte(layers: int = 3) -> torch.nn.Module:
     """A tiny Latte with 4 frames (so frame pairs exist) and 3 layers (so a middle layer is cached)."""
     torch.manual_seed(0)
-    return LatteTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        num_layers=layers,
-        cross_attention_dim=16,
-        sample_size=8,
-        patch_size=2,
-        activation_fn="gelu-approximate",
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        caption_channels=16,
-        video_length=FRAMES,
-    ).eval()
+    config = {k: v for k, v in tiny_model("latte").config.items() if not k.startswith("_")}
+    return LatteTransformer3DModel(**{**config, "num_layers": layers, "video_length": FRAMES}).eval()
 
 
 def latte_inputs(batch: int = 1, seed: int = 1) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .calls import shape_key
-from .token_run import _map_tensors, _take_rows, _token_args
+from .token_run import _map_tensors, _take_rows, _token_args, full_bases
 from .tokens import check_index, gather_tokens
 
 if TYPE_CHECKING:
@@ -55,13 +55,7 @@ def run_row_subset(
     check_rows(rows, batch)
     if index is not None:
         check_index(index, len(rows), num_tokens)
-    bases = dict(base) if isinstance(base, dict) else {spec.token_stream: base}
-    base_stream = bases.get(spec.token_stream)
-    if not isinstance(base_stream, torch.Tensor) or base_stream.shape != x.shape:
-        raise ValueError(
-            f"base must hold the full {spec.token_stream!r} of shape {tuple(x.shape)}, "
-            f"got {None if base_stream is None else tuple(base_stream.shape)}"
-        )
+    bases = full_bases(call, base)
     if stream is not None and (not isinstance(stream, torch.Tensor) or stream.shape != x.shape):
         raise ValueError(f"stream must replace {spec.token_stream!r} with the same shape {tuple(x.shape)}")
     kept_rows, kept_tokens = len(rows), num_tokens if index is None else index.shape[-1]
@@ -137,7 +131,9 @@ def _run_part(
             value = _take_rows(value, rows, batch)
         if arg is not None:
             offset = call.arguments[arg.offset_arg].shape[1] if arg.offset_arg else 0
-            value = _map_tensors(value, lambda t, a=arg, o=offset: gather_tokens(t, index, a.dim, a.batch, o))
+            value = _map_tensors(
+                value, lambda t, a=arg, o=offset: gather_tokens(t, index, a.dim, a.batch, o), arg.element
+            )
         if value is not original:
             replacements[name] = value
     output, args, kwargs = call.call_with(replacements)

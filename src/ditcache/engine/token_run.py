@@ -27,13 +27,7 @@ def run_token_subset(call: BlockCall, index: torch.Tensor, base: torch.Tensor | 
     stream = call.arguments[spec.token_stream]
     batch, num_tokens = stream.shape[0], stream.shape[1]
     check_index(index, batch, num_tokens)
-    bases = dict(base) if isinstance(base, dict) else {spec.token_stream: base}
-    base_stream = bases.get(spec.token_stream)
-    if not isinstance(base_stream, torch.Tensor) or base_stream.shape != stream.shape:
-        raise ValueError(
-            f"base must hold the full {spec.token_stream!r} of shape {tuple(stream.shape)}, "
-            f"got {None if base_stream is None else tuple(base_stream.shape)}"
-        )
+    bases = full_bases(call, base)
     if is_identity(index, num_tokens):
         return call.run()
     kept = index.shape[-1]
@@ -49,6 +43,20 @@ def run_token_subset(call: BlockCall, index: torch.Tensor, base: torch.Tensor | 
         values = _stitch_rows(parts)
     call._count(kept)
     return call.build_output(values)
+
+
+def full_bases(call: BlockCall, base: torch.Tensor | Outputs) -> Outputs:
+    """`base` as a dict of outputs by name, checked to hold the whole token stream (shared with `run_rows`)."""
+    name = call.ref.spec.token_stream
+    stream = call.arguments[name]
+    bases = dict(base) if isinstance(base, dict) else {name: base}
+    base_stream = bases.get(name)
+    if not isinstance(base_stream, torch.Tensor) or base_stream.shape != stream.shape:
+        raise ValueError(
+            f"base must hold the full {name!r} of shape {tuple(stream.shape)}, "
+            f"got {None if base_stream is None else tuple(base_stream.shape)}"
+        )
+    return bases
 
 
 def _token_args(call: BlockCall) -> list[TokenArg]:
@@ -82,7 +90,9 @@ def _run_rows(call: BlockCall, rows: torch.Tensor | None, index: torch.Tensor, b
             value = _take_rows(value, rows, batch)
         if arg is not None:
             offset = call.arguments[arg.offset_arg].shape[1] if arg.offset_arg else 0
-            value = _map_tensors(value, lambda t, a=arg, o=offset: gather_tokens(t, index, a.dim, a.batch, o))
+            value = _map_tensors(
+                value, lambda t, a=arg, o=offset: gather_tokens(t, index, a.dim, a.batch, o), arg.element
+            )
         if value is not call.arguments[name]:
             replacements[name] = value
     output, args, kwargs = call.call_with(replacements)
@@ -106,9 +116,10 @@ def _take_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
     return value
 
 
-def _map_tensors(value: Any, fn: Any) -> Any:
+def _map_tensors(value: Any, fn: Any, element: int | None = None) -> Any:
+    """`fn` on a tensor, or on each entry of a tuple / list (only entry `element` when given)."""
     if isinstance(value, (tuple, list)):
-        return type(value)(fn(t) for t in value)
+        return type(value)(fn(t) if element is None or i == element else t for i, t in enumerate(value))
     return fn(value)
 
 
