@@ -307,6 +307,7 @@ def test_attention_all_is_refused_where_unsupported(profile_dir):
         ({"lora": 1}, "lora"),
         ({"attention": "full"}, "attention"),
         ({"seed": -1}, "seed"),
+        ({"per_row": 1}, "per_row"),
         ({"profile": 3}, "profile"),
     ],
 )
@@ -337,3 +338,21 @@ def test_profile_path_override(profile_dir, monkeypatch, tmp_path_factory):
     monkeypatch.setenv("DITCACHE_PROFILE_DIR", str(tmp_path_factory.mktemp("empty")))
     out, stats, _ = _run("dit", f"tokencache:profile={str(path)!r}")
     assert stats.token_fraction < 1.0 and Path(path).with_suffix(".safetensors").exists()
+
+
+@pytest.mark.parametrize(("per_row", "runs_per_block"), [(None, 1), (False, 1), (True, 2)])
+def test_flux_rows_share_tokens_by_default(profile_dir, per_row, runs_per_block):
+    """Flux's rotary table has no batch axis: per-row token sets run row by row, so by default the batch shares
+    the tokens of its row-averaged scores (one subset run per block)."""
+    spec = "tokencache:ratio=0.5" + ("" if per_row is None else f":per_row={per_row}")
+    handle = ditcache.apply(_model("flux"), spec)
+    try:
+        _generate("flux", handle, batch=2)
+        records = [r for r in handle.records() if r.token_runs]
+    finally:
+        handle.remove()
+    assert records
+    for record in records:
+        subset_runs = [key for key in record.token_runs if isinstance(key[0], int)]
+        cached_blocks = sum(0 < tokens < 64 for tokens in record.block_tokens)
+        assert len(subset_runs) == runs_per_block * cached_blocks

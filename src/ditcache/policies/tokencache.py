@@ -28,7 +28,7 @@ from ..engine.calls import BlockCall, ForwardCall, shape_key
 from ..engine.state import BranchState
 from ..registry import register_policy, register_preset
 from .base import Policy
-from .tokencache_schedule import ISTEP_SCHEDULES, block_keep_counts, istep_schedule, top_tokens, uniform_keep_counts
+from .tokencache_schedule import ISTEP_SCHEDULES, block_keep_counts, choose_tokens, istep_schedule, uniform_keep_counts
 
 METHOD = "tokencache"
 SELECTIONS = ("learned", "random", "norm")
@@ -80,6 +80,11 @@ class TokenCacheConfig(PolicyConfig):
             cached ones included, as Eq. 6 writes f(x^{l-1}): queries from the updated tokens, keys / values
             from all; DiT-style blocks only, whose self-attention `attn1` takes keys / values as
             `encoder_hidden_states`) or `"auto"` (`"all"` where supported, else `"kept"`).
+        per_row (`bool | None`, defaults to `None`):
+            Each batch row updates its own top-scoring tokens (True, the paper's per-sample top-k) or the batch
+            shares the tokens of the row-averaged scores (False). None = per row, except on models with a
+            per-token argument without a batch axis (Flux's rotary table), where per-row subsets run row by row
+            (measured on ref-image, 8 samples: 0.46 wall / MACs efficiency per row).
         seed (`int`, defaults to `0`):
             Seed of `selection="random"`, >= 0.
         profile (`str`, *optional*, defaults to `None`):
@@ -117,6 +122,7 @@ class TokenCacheConfig(PolicyConfig):
     refiners: int | None = None
     lora: bool = True
     attention: str = "auto"
+    per_row: bool | None = None
     seed: int = 0
     profile: str | None = None
 
@@ -136,6 +142,8 @@ class TokenCacheConfig(PolicyConfig):
             check_int("refiners", self.refiners, 0, 64)
         check_bool("lora", self.lora)
         check_choice("attention", self.attention, ATTENTIONS)
+        if self.per_row is not None:
+            check_bool("per_row", self.per_row)
         check_int("seed", self.seed, 0)
         if self.profile is not None and not isinstance(self.profile, str):
             raise ValueError(f"profile must be None or a path string, got {self.profile!r}")
@@ -289,10 +297,11 @@ class TokenCachePolicy(Policy):
     ) -> torch.Tensor:
         tokens = update.shape[1]
         selection = self.config.selection
+        per_row = row_tokens(call, self.config.per_row)
         if selection == "learned" and state.scores is not None:
-            return top_tokens(state.scores[..., position], keep)
+            return choose_tokens(state.scores[..., position], keep, per_row)
         if selection == "norm":
-            return top_tokens(update.float().norm(dim=-1), keep)
+            return choose_tokens(update.float().norm(dim=-1), keep, per_row)
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + call.info.step * 1009 + position)
         return torch.randperm(tokens, generator=generator)[:keep].sort().values.to(update.device)
 
@@ -328,6 +337,14 @@ def run_cached_block(
     gather = rows_index.unsqueeze(-1).expand(-1, -1, stream.shape[-1])
     new = update.scatter(1, gather, fresh.gather(1, gather) - stream.gather(1, gather))
     return output, call.forward.store(new)
+
+
+def row_tokens(call: BlockCall, per_row: bool | None) -> bool:
+    """Whether each batch row updates its own tokens: `per_row`, or by default unless a per-token argument of the
+    block has no batch axis (Flux's rotary table), where rows with different tokens would run one by one."""
+    if per_row is not None:
+        return per_row
+    return not any(arg.batch == "shared" for arg in call.ref.spec.token_args)
 
 
 def supports_full_context(view: Any) -> bool:

@@ -63,6 +63,18 @@ def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order.sort(dim=-1).values
 
 
+def choose_tokens(scores: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
+    """The tokens a block updates: per row, (rows, k) (`top_tokens`), or one set for every row, (k,), from the
+    row-averaged scores (one batched subset run where per-row subsets would run row by row).
+
+    >>> choose_tokens(torch.tensor([[0.1, 0.9, 0.5], [0.8, 0.2, 0.6]]), 1, per_row=False)
+    tensor([2])
+    """
+    if per_row:
+        return top_tokens(scores, k)
+    return top_tokens(scores.float().mean(dim=0, keepdim=True), k)[0]
+
+
 def istep_schedule(mean_scores: Sequence[float], full_steps: int, beta: float = 0.0, mode: str = "eq13") -> list[int]:
     """The I-steps (fully computed steps) of a generation of `len(mean_scores)` steps; step 0 is always one.
 
