@@ -9,9 +9,16 @@ from __future__ import annotations
 import torch
 
 from .base import BLOCK_KINDS, EXECUTION_ORDERS, TOKEN_ORDERS, BlockListSpec, LatentGrid, ModelAdapter, TokenArg
+from .chroma import CHROMA
 from .dit import DIT
 from .flux import FLUX
+from .flux2 import FLUX2
+from .hidream import HIDREAM
 from .latte import LATTE
+from .lumina2 import LUMINA2
+from .pixart import PIXART
+from .qwenimage import QWENIMAGE
+from .sana import SANA
 from .sd3 import SD3
 from .wan import WAN
 
@@ -50,6 +57,8 @@ def adapter_for(model: torch.nn.Module) -> ModelAdapter:
 
 
 for _adapter in (FLUX, SD3, WAN, DIT, LATTE):
+    register_adapter(_adapter)
+for _adapter in (PIXART, QWENIMAGE, CHROMA, SANA, LUMINA2, HIDREAM, FLUX2):  # image families (issue 15)
     register_adapter(_adapter)
 
 __all__ = [

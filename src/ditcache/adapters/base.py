@@ -60,6 +60,9 @@ class TokenArg:
     batch: str = "batched"
     offset_arg: str | None = None
     ndim: int | None = None
+    # A tuple value whose entries are not all per token: only this entry is gathered (Qwen-Image's rotary pair
+    # is (image table, text table)); None gathers every entry.
+    element: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch not in TOKEN_BATCH_MODES:
@@ -86,6 +89,9 @@ class BlockListSpec:
     token_stream: str = "hidden_states"
     # Other arguments with a token axis (rotary tables, per-token modulation).
     token_args: tuple[TokenArg, ...] = ()
+    # Why a block of this list cannot run on a subset of its tokens ("" = it can): e.g. Sana's feed-forward
+    # is a 3x3 convolution over the full grid. `BlockCall.run_tokens` / `run_rows(index=...)` raise with it.
+    no_token_subsets: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in BLOCK_KINDS:
@@ -120,6 +126,15 @@ class ModelAdapter:
     # rows (`ForwardCall.run_rows`) passes them unchanged even when their first size equals the batch size.
     unbatched_args: tuple[str, ...] = ()
     execution_order: str = "sequential"
+    # The pipeline passes timesteps that grow during sampling (Lumina2, Z-Image: 1 - t / 1000): a new
+    # generation starts when the timestep does not grow.
+    timesteps_increase: bool = False
+    # Capabilities this model lacks, with the reason (`ditcache.applicability` checks methods against them):
+    # (capability, reason) pairs, e.g. ("resized_forward", "..."); token subsets are declared per block list
+    # (`no_token_subsets`).
+    unsupported: tuple[tuple[str, str], ...] = ()
+    # How the diffusers pipeline runs classifier-free guidance (docs and `ditcache models`).
+    pipeline_cfg: str = ""
     notes: str = ""
 
     def __post_init__(self) -> None:

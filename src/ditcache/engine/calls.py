@@ -260,6 +260,7 @@ class BlockCall:
         """
         from .token_run import run_token_subset
 
+        self._check_token_subsets()
         return run_token_subset(self, index, base)
 
     def run_rows(
@@ -281,7 +282,19 @@ class BlockCall:
         """
         from .row_run import run_row_subset
 
+        if index is not None:
+            self._check_token_subsets()
         return run_row_subset(self, rows, base, index, stream)
+
+    def _check_token_subsets(self) -> None:
+        """A clear error where the adapter says this block list cannot run on a subset of its tokens."""
+        reason = self.ref.spec.no_token_subsets
+        if reason:
+            engine = self.forward.engine
+            raise TypeError(
+                f"{type(engine.policy).__name__} runs blocks on token subsets, which the {engine.adapter.name} "
+                f"adapter rules out for {self.ref.spec.attr}: {reason}"
+            )
 
     def call_with(self, replacements: Mapping[str, Any]) -> tuple[Any, tuple, dict[str, Any]]:
         """Call the block's own forward with some arguments replaced (no accounting): (output, args, kwargs)."""

@@ -37,8 +37,10 @@ class _BranchCursor:
 class StepTracker:
     """Turns (branch, timestep, explicit hints) into a `ForwardInfo`, detecting new generations."""
 
-    def __init__(self, scheduler: Any | None = None) -> None:
+    def __init__(self, scheduler: Any | None = None, descending: bool = True) -> None:
         self.scheduler = scheduler  # a diffusers scheduler when applied to a pipeline
+        # Timesteps fall during sampling (most pipelines); Lumina2 / Z-Image pass 1 - t / 1000, which grows.
+        self.descending = descending
         self.generation = 0
         self.branch_name: str | None = None
         self.branch_hints: dict[str, Any] = {}
@@ -54,15 +56,17 @@ class StepTracker:
 
     def locate(self, timestep: float, shape: tuple[int, ...]) -> tuple[ForwardInfo, bool]:
         """Place one forward; returns its info and whether it started a new generation."""
-        branch = self.branch_name or DEFAULT_BRANCH
         hinted_step = self.branch_hints.get("step_index")
+        branch = self.branch_name or (DEFAULT_BRANCH if hinted_step is not None else self._unnamed_branch(timestep))
         cursor = self._cursors.get(branch)
         new_generation = False
         if cursor is not None:
             if hinted_step is not None:
                 new_generation = int(hinted_step) <= cursor.last_step
-            else:
+            elif self.descending:
                 new_generation = timestep >= cursor.last_timestep
+            else:
+                new_generation = timestep <= cursor.last_timestep
         if new_generation:
             self.start_generation()
             cursor = None
@@ -77,10 +81,22 @@ class StepTracker:
         info = ForwardInfo(self.generation, step, self._num_steps(), timestep, branch)
         return info, new_generation
 
+    def _unnamed_branch(self, timestep: float) -> str:
+        """Pipelines that run CFG as two forwards per step without naming them (Chroma, Lumina2): the n-th
+        unnamed forward at one timestep is branch "default" (n = 1), "default-2", ...; so uncond never reads
+        cond's cache, and a repeated timestep is not mistaken for a new generation."""
+        n = 1
+        while True:
+            name = DEFAULT_BRANCH if n == 1 else f"{DEFAULT_BRANCH}-{n}"
+            cursor = self._cursors.get(name)
+            if cursor is None or not _same_timestep(cursor.last_timestep, timestep):
+                return name
+            n += 1
+
     def _step_from_timestep(self, timestep: float) -> int:
         # All branches of one step share its timestep; steps are the distinct timesteps, in order.
         for index, seen in enumerate(self._timesteps):
-            if abs(seen - timestep) <= 1e-6 * max(1.0, abs(seen)):
+            if _same_timestep(seen, timestep):
                 return index
         self._timesteps.append(timestep)
         return len(self._timesteps) - 1
@@ -95,3 +111,7 @@ class StepTracker:
         if timesteps is not None:
             return len(timesteps)
         return None
+
+
+def _same_timestep(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(1.0, abs(a))

@@ -38,7 +38,7 @@ def _timestep_value(timestep: Any) -> float:
 class Engine:
     def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, policy: Policy, scheduler: Any = None) -> None:
         self.model, self.adapter, self.policy = model, adapter, policy
-        self.tracker = StepTracker(scheduler)
+        self.tracker = StepTracker(scheduler, descending=not adapter.timesteps_increase)
         self.blocks = self._find_blocks()
         self.submodules = self._find_submodules()
         self.hooks_blocks = policy.uses_block_hooks
