@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ..config import PolicyConfig
 from ..engine.calls import BlockCall, ForwardCall
 from ..policies.base import Policy
-from ..policies.tokencache import METHOD, row_tokens, run_cached_block, supports_full_context
+from ..policies.tokencache import METHOD, row_tokens, run_cached_block, subset_capable, supports_full_context
 from ..policies.tokencache_schedule import block_keep_counts, choose_tokens, istep_schedule
 from ..registry import register_policy
 from .profiles import Profile, ProfileMismatchError, find_profile, model_fingerprint
@@ -231,9 +231,14 @@ def train_tokencache(
     if not pairs:
         raise ValueError("TokenCache training needs at least two recorded steps per branch")
     first = recorder.updates[keys[0]]
-    cacheable = [p for p in sorted(first) if p < num_blocks - options.refiners]
+    blocks = recorder.model_view.blocks
+    cacheable = [p for p in sorted(first) if p < num_blocks - options.refiners and subset_capable(blocks[p])]
     if not cacheable:
-        raise ValueError("no block can cache: every block is a refiner or has another token layout than block 0")
+        reasons = "; ".join(sorted({ref.spec.no_token_subsets for ref in blocks if ref.spec.no_token_subsets}))
+        raise ValueError(
+            f"TokenCache cannot cache any block of this {recorder.adapter.name} model: every block is a refiner, "
+            f"has another token layout than block 0 or cannot run on a token subset{f' ({reasons})' if reasons else ''}"
+        )
     block0 = recorder.model_view.blocks[0]
     spec = block0.spec
     predictor = CachePredictor(block0.module, recorder.width, num_blocks, spec.outputs, spec.token_stream)
@@ -456,6 +461,11 @@ def tiny_profile(model: torch.nn.Module, num_steps: int) -> TokenCacheProfile:
         return testing.euler_sample(model, family, inputs, num_steps, uncond, handle=handle)
 
     options = TrainOptions(iterations=6, lora_iterations=3, minutes=1.0, progress=False)
-    profile = train_tokencache(model, CalibrationRun(run, num_steps, 3.0), f"tiny-{type(model).__name__}", options)
+    name = f"tiny-{type(model).__name__}"
+    try:
+        profile = train_tokencache(model, CalibrationRun(run, num_steps, 3.0), name, options)
+    except ValueError as error:  # no block can run on a token subset: the policy never loads a profile there
+        data = {"uncacheable": str(error), "mean_scores": [0.0] * num_steps}
+        return TokenCacheProfile(METHOD, name, model_fingerprint(model), num_steps, data)
     profile.data["synthetic"] = True  # a few iterations: a working profile, not a useful predictor
     return profile

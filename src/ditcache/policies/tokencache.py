@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -187,6 +188,7 @@ class Setup:
 class TokenCachePolicy(Policy):
     branch_state = TokenCacheState
     uses_block_hooks = True
+    requires = ("token_subsets",)
 
     def __init__(self, config: TokenCacheConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
@@ -219,6 +221,14 @@ class TokenCachePolicy(Policy):
                 f'encoder_hidden_states); this {self.adapter.name} model supports attention="kept" (or "auto")'
             )
         full_context = full_context and config.attention != "kept"
+        if not any(subset_capable(ref) for ref in self.model_view.blocks[: self.model_view.num_blocks - 1]):
+            reasons = sorted({ref.spec.no_token_subsets for ref in self.model_view.blocks})
+            warnings.warn(
+                f"TokenCache: no block of this {self.adapter.name} model can run on a token subset "
+                f"({'; '.join(reasons)}); every step is computed in full",
+                stacklevel=2,
+            )
+            return Setup(list(range(num_steps)), 0, False)
         if not config.needs_profile:
             steps = istep_schedule([0.0] * num_steps, config.full_step_count(num_steps), mode="uniform")
             return Setup(steps, config.refiners, full_context)
@@ -248,7 +258,9 @@ class TokenCachePolicy(Policy):
         setup = self._setups[call.info.num_steps]
         position = call.ref.position
         stream = call.arguments[call.ref.spec.token_stream]
-        cacheable = self._cacheable(position, stream, setup, state)
+        if not isinstance(stream, torch.Tensor) or stream.ndim != 3:
+            return call.run()
+        cacheable = self._cacheable(call, stream, setup, state)
         if not state.p_step:
             if position == 0:
                 state.stream_shape = tuple(stream.shape)
@@ -271,10 +283,10 @@ class TokenCachePolicy(Policy):
         output, state.updates[position] = run_cached_block(call, index, update, setup.full_context)
         return output
 
-    def _cacheable(self, position: int, stream: torch.Tensor, setup: Setup, state: TokenCacheState) -> bool:
-        """Blocks before the refiners whose token stream is laid out like block 0's (Latte's temporal blocks,
-        tokens = frames, are not)."""
-        if position >= self.model_view.num_blocks - setup.refiners:
+    def _cacheable(self, call: BlockCall, stream: torch.Tensor, setup: Setup, state: TokenCacheState) -> bool:
+        """Blocks before the refiners that can run on a token subset and whose token stream is laid out like
+        block 0's (Latte's temporal blocks, tokens = frames, are not)."""
+        if call.ref.position >= self.model_view.num_blocks - setup.refiners or not subset_capable(call.ref):
             return False
         return state.stream_shape is None or tuple(stream.shape) == state.stream_shape
 
@@ -337,6 +349,11 @@ def run_cached_block(
     gather = rows_index.unsqueeze(-1).expand(-1, -1, stream.shape[-1])
     new = update.scatter(1, gather, fresh.gather(1, gather) - stream.gather(1, gather))
     return output, call.forward.store(new)
+
+
+def subset_capable(ref: Any) -> bool:
+    """The adapter allows this block to run on a token subset (`BlockListSpec.no_token_subsets` is empty)."""
+    return not getattr(ref.spec, "no_token_subsets", "")
 
 
 def row_tokens(call: BlockCall, per_row: bool | None) -> bool:
