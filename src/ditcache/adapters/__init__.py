@@ -8,18 +8,25 @@ from __future__ import annotations
 
 import torch
 
+from .allegro import ALLEGRO
 from .base import BLOCK_KINDS, EXECUTION_ORDERS, TOKEN_ORDERS, BlockListSpec, LatentGrid, ModelAdapter, TokenArg
 from .chroma import CHROMA
+from .cogvideox import COGVIDEOX
+from .cosmos import COSMOS
 from .dit import DIT
 from .flux import FLUX
 from .flux2 import FLUX2
 from .hidream import HIDREAM
+from .hunyuan_video import HUNYUAN_VIDEO
 from .latte import LATTE
+from .ltx import LTX
 from .lumina2 import LUMINA2
+from .mochi import MOCHI
 from .pixart import PIXART
 from .qwenimage import QWENIMAGE
 from .sana import SANA
 from .sd3 import SD3
+from .skyreels_v2 import SKYREELS_V2
 from .wan import WAN
 
 _ADAPTERS: dict[type[torch.nn.Module], ModelAdapter] = {}
@@ -46,12 +53,21 @@ def supported_models() -> list[str]:
     return sorted(cls.__name__ for cls in _ADAPTERS)
 
 
+def registered_adapters() -> list[ModelAdapter]:
+    """Every registered adapter, by class name."""
+    return sorted(_ADAPTERS.values(), key=lambda adapter: adapter.model_class.__name__)
+
+
 def adapter_for(model: torch.nn.Module) -> ModelAdapter:
-    for cls in type(model).__mro__:
+    return adapter_for_class(type(model))
+
+
+def adapter_for_class(model_class: type[torch.nn.Module]) -> ModelAdapter:
+    for cls in model_class.__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
     raise TypeError(
-        f"{type(model).__name__} is not a supported model. Supported: {', '.join(supported_models())}.\n"
+        f"{model_class.__name__} is not a supported model. Supported: {', '.join(supported_models())}.\n"
         + REGISTER_HOWTO
     )
 
@@ -59,6 +75,8 @@ def adapter_for(model: torch.nn.Module) -> ModelAdapter:
 for _adapter in (FLUX, SD3, WAN, DIT, LATTE):
     register_adapter(_adapter)
 for _adapter in (PIXART, QWENIMAGE, CHROMA, SANA, LUMINA2, HIDREAM, FLUX2):  # image families (issue 15)
+    register_adapter(_adapter)
+for _adapter in (HUNYUAN_VIDEO, COGVIDEOX, LTX, MOCHI, ALLEGRO, SKYREELS_V2, COSMOS):  # video families
     register_adapter(_adapter)
 
 __all__ = [
@@ -70,6 +88,8 @@ __all__ = [
     "TOKEN_ORDERS",
     "TokenArg",
     "adapter_for",
+    "adapter_for_class",
     "register_adapter",
+    "registered_adapters",
     "supported_models",
 ]

@@ -1,7 +1,7 @@
 """Latent layout helpers: view any supported latent as (B, C, F, H, W) and back, and downsample it.
 
-Layouts (from the adapter): "BCHW" (SD3), "BCFHW" (Wan), "BNC" (Flux's packed tokens, whose row/column
-grid comes from the adapter's `LatentGrid`).
+Layouts (from the adapter): "BCHW" (SD3), "BCFHW" (Wan), "BFCHW" (CogVideoX: frames before channels), "BNC"
+(Flux's packed tokens, whose row/column grid comes from the adapter's `LatentGrid`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..adapters import LatentGrid
 
-LAYOUTS = ("BCHW", "BCFHW", "BNC")
+LAYOUTS = ("BCHW", "BCFHW", "BFCHW", "BNC")
 
 
 def to_5d(x: torch.Tensor, layout: str, grid: LatentGrid | None = None) -> torch.Tensor:
@@ -19,6 +19,8 @@ def to_5d(x: torch.Tensor, layout: str, grid: LatentGrid | None = None) -> torch
         return x
     if layout == "BCHW":
         return x.unsqueeze(2)
+    if layout == "BFCHW":
+        return x.transpose(1, 2)
     if layout == "BNC":
         if grid is None:
             raise ValueError("BNC latents need the token grid")
@@ -34,6 +36,8 @@ def from_5d(x5: torch.Tensor, layout: str) -> torch.Tensor:
         return x5
     if layout == "BCHW":
         return x5.squeeze(2)
+    if layout == "BFCHW":
+        return x5.transpose(1, 2)
     if layout == "BNC":
         b, c, f, h, w = x5.shape
         return x5.permute(0, 2, 3, 4, 1).reshape(b, f * h * w, c)
