@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import ditcache
+from ditcache.applicability import applies
 from ditcache.calibration.profiles import (
     PROFILE_DIR,
     PROFILE_DIR_ENV,
@@ -31,6 +32,7 @@ from ditcache.engine.engine import ENGINE_ATTR
 from ditcache.testing import (
     TINY_MODELS,
     TINY_PROFILE_MAKERS,
+    timestep_kwargs,
     timestep_scale,
     tiny_inputs,
     tiny_model,
@@ -38,6 +40,7 @@ from ditcache.testing import (
     tiny_uncond_inputs,
     write_tiny_profiles,
 )
+from ditcache.tiny import tiny_family
 
 PRESETS = tuple(ditcache.presets())
 STEPS = 6  # a generation in most checks; the state check also runs 8
@@ -50,14 +53,24 @@ PROFILE_STEPS = (6, 8)  # step counts the tiny profiles are written for
 REUSE_STEPS = (8, 6)
 GUIDANCE = 3.0
 BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "class_labels")
+BATCHED += ("encoder_attention_mask", "encoder_hidden_states_t5", "pooled_embeds")  # Lumina2, HiDream
+BATCH_AXIS = {"encoder_hidden_states_llama3": 1}  # HiDream's Llama stack (layers, B, S, D)
 # Policies whose reuse schedule depends on nothing but the step index: their batch rows must be comparable.
 FIXED_SCHEDULES = (ditcache.NoCacheConfig, ditcache.StaticIntervalConfig, ditcache.ReuseScheduleConfig)
-
-CASES = [pytest.param(p, f, id=f"{p}-{f}") for p in PRESETS for f in TINY_MODELS]
 
 
 def _config(preset: str) -> ditcache.PolicyConfig:
     return ditcache.preset(preset)
+
+
+def _applies(preset: str, family: str) -> bool:
+    """Whether the preset's method applies to the family's class (`ditcache.applicability`): Sana's conv
+    feed-forward rules out token subsets, for instance; `apply` raises for those (checked below)."""
+    return applies(_config(preset), tiny_family(family).model_class)
+
+
+CASES = [pytest.param(p, f, id=f"{p}-{f}") for p in PRESETS for f in TINY_MODELS if _applies(p, f)]
+NOT_APPLICABLE = [pytest.param(p, f, id=f"{p}-{f}") for p in PRESETS for f in TINY_MODELS if not _applies(p, f)]
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
@@ -121,10 +134,10 @@ def generate(
     for i in range(steps):
         t = torch.full((x.shape[0],), float(sigmas[i]) * timestep_scale(family))
         with branch("cond", step_index=i, num_inference_steps=steps):
-            v = model(hidden_states=x, timestep=t, return_dict=False, **cond)[0]
+            v = model(hidden_states=x, return_dict=False, **timestep_kwargs(model, t), **cond)[0]
         if uncond is not None:
             with branch("uncond", step_index=i, num_inference_steps=steps):
-                u = model(hidden_states=x, timestep=t, return_dict=False, **uncond)[0]
+                u = model(hidden_states=x, return_dict=False, **timestep_kwargs(model, t), **uncond)[0]
             if guidance is not None:
                 v = u + guidance * (v - u)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
@@ -290,6 +303,7 @@ def test_batch_rows_match_single_rows(preset, family):
     runs = []
     for rows in (slice(0, 2), slice(0, 1), slice(1, 2)):
         inputs = {k: (v[rows] if k in BATCHED else v) for k, v in both.items()}
+        inputs.update({k: both[k][:, rows] for k in BATCH_AXIS if k in both})
         handle = ditcache.apply(model, preset)
         try:
             with _leaf_trace(model) as trace:
@@ -323,12 +337,20 @@ def test_batch_rows_comparable_count():
 def test_every_preset_reuses_on_some_tiny_model(preset):
     seen = []
     for steps in REUSE_STEPS:
-        for family in TINY_MODELS:
+        for family in (f for f in TINY_MODELS if _applies(preset, f)):
             stats = _fresh(preset, family, steps)[1]
             if _reuses_something(stats):
                 return
             seen.append(f"{family}@{steps}: {stats.forwards} forwards, {sum(stats.blocks_computed)} blocks")
     pytest.fail(f"{preset} never reused anything on a tiny model ({'; '.join(seen)}): the contract is vacuous")
+
+
+@pytest.mark.parametrize(("preset", "family"), NOT_APPLICABLE)
+def test_methods_that_cannot_apply_raise_up_front(preset, family):
+    model = _model(family)
+    with pytest.raises(TypeError, match=f"does not apply to {type(model).__name__}"):
+        ditcache.apply(model, preset)
+    assert getattr(model, ENGINE_ATTR, None) is None
 
 
 def test_profiles_are_found_in_the_user_directory_then_the_shipped_one(tmp_path, monkeypatch):

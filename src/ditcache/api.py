@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .adapters import adapter_for
+from .applicability import check_applicable
 from .config import PolicyConfig
 from .engine.engine import ENGINE_ATTR, Engine
 from .engine.handle import CacheHandle
@@ -90,6 +91,7 @@ def apply(target: Any, config: PolicyConfig | str) -> CacheHandle:
     config = config.resolve(model)  # e.g. "auto:speedup=2" -> the config tuned for this model
     if not isinstance(config, PolicyConfig):
         raise TypeError(f"resolve() must return a PolicyConfig, got {type(config).__name__}")
+    check_applicable(config, adapter)  # what the method needs from the model (ditcache.applicability)
     policy = policy_for(config)(config, adapter)
     engine = Engine(model, adapter, policy, scheduler)
     engine.install()

@@ -252,10 +252,24 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .adapters import supported_models
+    from .adapters import registered_adapters
+    from .applicability import applicable_presets
     from .refmodels import SPECS
 
-    print("diffusers classes with an adapter: " + ", ".join(supported_models()))
+    print("diffusers classes with an adapter, and the presets that apply (`ditcache presets` describes them):")
+    for adapter in registered_adapters():
+        lists = ", ".join(f"{spec.attr} ({spec.kind})" for spec in adapter.block_lists)
+        print(f"{adapter.model_class.__name__} [{adapter.name}]: blocks {lists}")
+        if adapter.pipeline_cfg:
+            print(f"    pipeline CFG: {adapter.pipeline_cfg}")
+        unmet = {name: reasons for name, reasons in applicable_presets(adapter).items() if reasons}
+        print("    presets: all" + (f" but {len(unmet)}" if unmet else ""))
+        by_reason: dict[str, list[str]] = {}
+        for name, reasons in unmet.items():
+            by_reason.setdefault("; ".join(reasons), []).append(name)
+        for reason, names in by_reason.items():
+            print(f"    not {', '.join(names)}: {reason}")
+    print("reference models:")
     for name, spec in SPECS.items():
         shape = "x".join(map(str, spec.sample_shape))
         detail = f"samples {shape}, {spec.num_classes} classes, {spec.prediction} prediction"

@@ -47,6 +47,13 @@ def timestep_scale(name: str) -> float:
     return tiny_family(name).timestep_scale
 
 
+def timestep_kwargs(model: torch.nn.Module, timestep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The timestep as the model's forward names it (`timestep`; HiDream's `timesteps`)."""
+    from .adapters import adapter_for
+
+    return {adapter_for(model).timestep_arg: timestep}
+
+
 def _branch_context(model: torch.nn.Module, handle: Any) -> Any:
     if hasattr(type(model), "cache_context"):
         return model.cache_context
@@ -76,10 +83,10 @@ def euler_sample(
     for i in range(steps):
         t = torch.full((x.shape[0],), float(sigmas[i]) * scale)
         with branch("cond"):
-            v = model(hidden_states=x, timestep=t, return_dict=False, **cond)[0]
+            v = model(hidden_states=x, return_dict=False, **timestep_kwargs(model, t), **cond)[0]
         if cfg_inputs is not None:
             with branch("uncond"):
-                u = model(hidden_states=x, timestep=t, return_dict=False, **cfg_inputs)[0]
+                u = model(hidden_states=x, return_dict=False, **timestep_kwargs(model, t), **cfg_inputs)[0]
             v = u + guidance * (v - u)
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     return x
@@ -256,10 +263,14 @@ def write_tiny_profiles(
     """Save the tiny profile of every registered method (or of `methods`) for `model` at each step count as
     `<method>-tiny-<fingerprint>-<steps>.json` in `directory`: point $DITCACHE_PROFILE_DIR there and the
     calibrated presets find them."""
+    from .applicability import profile_method_applies
+
     directory = Path(directory)
     fingerprint = model_fingerprint(model)
     paths = []
-    for method in methods if methods is not None else TINY_PROFILE_MAKERS:
+    if methods is None:  # a method that cannot run on the model (TokenCache on Sana) gets no profile
+        methods = [method for method in TINY_PROFILE_MAKERS if profile_method_applies(method, model)]
+    for method in methods:
         maker = TINY_PROFILE_MAKERS[method]
         for steps in step_counts:
             paths.append(maker(model, steps).save(directory / f"{method}-tiny-{fingerprint}-{steps}.json"))

@@ -8,7 +8,7 @@ cleared in `reset()`, which the engine calls at the start of every generation.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -75,6 +75,13 @@ class Policy:
     branch_state: type[BranchState] = BranchState
     uses_block_hooks: bool = False
     uses_submodule_hooks: bool = False  # attention / MLP submodules named by the adapter
+    # What the method needs from a model's adapter (`ditcache.applicability.REQUIREMENTS`); () = any model.
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def requirements(cls, config: PolicyConfig) -> tuple[str, ...]:
+        """The requirements of this config (override when they depend on it); checked by `apply`."""
+        return cls.requires
 
     def __init__(self, config: PolicyConfig, adapter: ModelAdapter) -> None:
         self.config = config

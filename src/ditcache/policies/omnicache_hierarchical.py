@@ -209,6 +209,11 @@ class OmniCacheHierarchicalPolicy(Policy):
     branch_state = HierarchicalState
     uses_block_hooks = True
 
+    @classmethod
+    def requirements(cls, config: OmniCacheHierarchicalConfig) -> tuple[str, ...]:
+        ratios = (config.token_ratio, config.frame_ratio, config.block_ratio)
+        return ("token_subsets",) if any(ratios) else ()  # the layered schedule alone skips whole blocks
+
     def __init__(self, config: OmniCacheHierarchicalConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
         self._given = Profile.load(config.profile) if config.profile else None

@@ -151,6 +151,7 @@ class TrajectoryProfileData:
 class OmniCacheTrajectoryPolicy(Policy):
     branch_state = SubmoduleCacheState
     uses_submodule_hooks = True
+    requires = ("submodule_hooks",)
 
     def __init__(self, config: OmniCacheTrajectoryConfig, adapter: Any) -> None:
         super().__init__(config, adapter)

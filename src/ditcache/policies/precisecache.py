@@ -174,6 +174,7 @@ class PreciseCacheState(OutputState):
 @register_policy(PreciseCacheConfig)
 class PreciseCachePolicy(Policy):
     branch_state = PreciseCacheState
+    requires = ("resized_forward",)
 
     def __init__(self, config: PreciseCacheConfig, adapter: Any) -> None:
         super().__init__(config, adapter)

@@ -98,6 +98,7 @@ class TeaCacheState(BranchState):
 class TeaCachePolicy(Policy):
     branch_state = TeaCacheState
     uses_block_hooks = True
+    requires = ("modulated_input",)
 
     def __init__(self, config: TeaCacheConfig, adapter: Any) -> None:
         if adapter.modulated_input is None:

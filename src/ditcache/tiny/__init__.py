@@ -3,8 +3,27 @@
 Adding a family: a file here that calls `register_tiny(TinyFamily(...))` and an import line below.
 """
 
-from . import dit, flux, latte, sd3, wan  # noqa: F401  (registration)
-from . import allegro, cogvideox, cosmos, hunyuan_video, ltx, mochi, skyreels_v2  # noqa: F401  (video)
+from . import (  # noqa: F401  (registration: image and video families)
+    allegro,
+    chroma,
+    cogvideox,
+    cosmos,
+    dit,
+    flux,
+    flux2,
+    hidream,
+    hunyuan_video,
+    latte,
+    ltx,
+    lumina2,
+    mochi,
+    pixart,
+    qwenimage,
+    sana,
+    sd3,
+    skyreels_v2,
+    wan,
+)
 from .base import Inputs, TinyFamily, family_of, register_tiny, tiny_families, tiny_family
 
 __all__ = ["Inputs", "TinyFamily", "family_of", "register_tiny", "tiny_families", "tiny_family"]

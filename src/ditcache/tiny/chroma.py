@@ -1,0 +1,39 @@
+"""Tiny ChromaTransformer2DModel: 2 dual-stream + 2 single-stream blocks, packed (B, H*W, 4) latents."""
+
+import torch
+from diffusers import ChromaTransformer2DModel
+
+from ..adapters.flux import flux_image_ids
+from .base import TinyFamily, register_tiny
+
+
+def _inputs(batch: int, g: torch.Generator, size: int, frames: int) -> dict:
+    return {
+        "hidden_states": torch.randn(batch, size * size, 4, generator=g),
+        "encoder_hidden_states": torch.randn(batch, 5, 16, generator=g),
+        "img_ids": flux_image_ids(size, size),
+        "txt_ids": torch.zeros(5, 3),
+    }
+
+
+CHROMA = register_tiny(
+    TinyFamily(
+        name="chroma",
+        model_class=ChromaTransformer2DModel,
+        build=lambda: ChromaTransformer2DModel(
+            patch_size=1,
+            in_channels=4,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            axes_dims_rope=(2, 2, 4),
+            approximator_num_channels=8,
+            approximator_hidden_dim=16,
+            approximator_layers=1,
+        ),
+        inputs=_inputs,
+        timestep_scale=1.0,  # ChromaPipeline passes t / 1000
+    )
+)
