@@ -269,7 +269,7 @@ def train_tokencache(
                 baseline[key] = max(float((trainer.final - recorder.finals[key]).pow(2).mean()), 1e-20)
             return baseline[key]
 
-        def optimise(stage: str, iterations: int, deadline: float, optimizer: torch.optim.Optimizer) -> None:
+        def optimise(stage: str, mode: str, iterations: int, deadline: float, optimizer: torch.optim.Optimizer) -> None:
             """One training stage: random (branch, step) pairs, the cached pass of `trainer.mode` at step s with
             the updates of step s - 1, loss relative to the all-cached error (+ lambda x mean(a) when relaxed)."""
             bar = tqdm(range(iterations), desc=f"tokencache {stage}", disable=not options.progress)
@@ -278,7 +278,8 @@ def train_tokencache(
                     break
                 key = rng.choice(pairs)
                 unit = cache_error(key)
-                trainer.force_alpha, trainer.cache = None, recorder.updates[(key[0], key[1] - 1)]
+                trainer.mode, trainer.force_alpha = mode, None  # cache_error may have run a relaxed pass
+                trainer.cache = recorder.updates[(key[0], key[1] - 1)]
                 with torch.enable_grad():
                     replay(key)
                     cache_loss = (trainer.final - recorder.finals[key]).pow(2).mean() / unit
@@ -299,6 +300,7 @@ def train_tokencache(
         train_lora = bool(options.refiners and options.lora_iterations)
         optimise(
             "predictor",
+            "relaxed",
             options.iterations,
             budget * (0.75 if train_lora else 1.0),
             torch.optim.AdamW(groups, weight_decay=0.0),
@@ -313,6 +315,7 @@ def train_tokencache(
             trainer.mode, trainer.lora = "hard", lora
             optimise(
                 "lora",
+                "hard",
                 options.lora_iterations,
                 budget,
                 torch.optim.AdamW(lora.parameters(), lr=options.lora_lr, weight_decay=0.0),
