@@ -363,9 +363,9 @@ def test_profiles_are_found_in_the_user_directory_then_the_shipped_one(tmp_path,
     for method in TINY_PROFILE_MAKERS:
         with pytest.raises(ProfileMismatchError, match="searched") as error:
             find_profile(method, model, 7)
-        assert f"{tmp_path} (none)" in str(error.value) and f"{PROFILE_DIR} (ref-image@50, ref-video@50)" in str(
-            error.value
-        )
+        shipped = str(error.value).split(f"{PROFILE_DIR} (")[1].split(")")[0].split(", ")
+        assert f"{tmp_path} (none)" in str(error.value)
+        assert {"ref-image@50", "ref-video@50"} <= set(shipped)  # other reference models may have theirs too
     write_tiny_profiles(tmp_path, model, [7])
     for method in TINY_PROFILE_MAKERS:
         profile = find_profile(method, model, 7)
