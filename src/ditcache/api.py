@@ -11,24 +11,36 @@ from .adapters import adapter_for
 from .applicability import check_applicable
 from .config import PolicyConfig
 from .engine.engine import ENGINE_ATTR, Engine
-from .engine.handle import CacheHandle
+from .engine.handle import CacheHandle, PipelineCacheHandle
 from .registry import parse_policy, policy_for
 
 
 def _resolve_target(target: Any) -> tuple[torch.nn.Module, Any]:
     """A transformer, or a pipeline holding one as `.transformer` (its scheduler gives the step count)."""
+    models, scheduler = _resolve_targets(target)
+    return models[0][1], scheduler
+
+
+# Pipeline attributes that hold a transformer: Wan 2.2 keeps a second one (low noise) as `transformer_2`.
+PIPELINE_TRANSFORMERS = ("transformer", "transformer_2")
+
+
+def _resolve_targets(target: Any) -> tuple[list[tuple[str, torch.nn.Module]], Any]:
+    """[(attribute, transformer)] of a pipeline (`transformer`, and `transformer_2` where it has one) and its
+    scheduler, or [("transformer", target)] for a bare model."""
     if isinstance(target, torch.nn.Module):
-        return target, None
-    transformer = getattr(target, "transformer", None)
-    if isinstance(transformer, torch.nn.Module):
-        return transformer, getattr(target, "scheduler", None)
+        return [("transformer", target)], None
+    models = [(name, getattr(target, name, None)) for name in PIPELINE_TRANSFORMERS]
+    models = [(name, model) for name, model in models if isinstance(model, torch.nn.Module)]
+    if models:
+        return models, getattr(target, "scheduler", None)
     raise TypeError(
         f"target must be a diffusers transformer (torch.nn.Module) or a pipeline with a .transformer; "
         f"got {type(target).__name__}"
     )
 
 
-def apply(target: Any, config: PolicyConfig | str) -> CacheHandle:
+def apply(target: Any, config: PolicyConfig | str) -> CacheHandle | PipelineCacheHandle:
     r"""
     Attach the caching policy described by `config` to a diffusers transformer.
 
@@ -38,7 +50,9 @@ def apply(target: Any, config: PolicyConfig | str) -> CacheHandle:
         target (`torch.nn.Module` or a pipeline):
             A diffusers transformer of a supported class (`ditcache.supported_models()`, or one registered
             with `ditcache.register_adapter`), or a pipeline holding one as `.transformer`; a pipeline's
-            `.scheduler` then gives the number of steps of each generation.
+            `.scheduler` then gives the number of steps of each generation. A pipeline with a second
+            transformer (Wan 2.2's `transformer_2`, the low-noise expert) gets both cached, each with its own
+            policy, state and statistics.
         config (`PolicyConfig` or `str`):
             A config object (`ditcache.TeaCacheConfig(threshold=0.2)`), a preset name (`"fora-3"`, see
             `ditcache.presets()`), or a preset name with overrides, `"name:key=value:key=value"` (values are
@@ -47,7 +61,8 @@ def apply(target: Any, config: PolicyConfig | str) -> CacheHandle:
 
     Returns:
         `CacheHandle`: `remove()`, `reset()`, `stats()`, `records()`, `policy`, `branch_state(name)`, and
-        `generation(num_steps=...)` / `branch(name)` for hand-written sampling loops.
+        `generation(num_steps=...)` / `branch(name)` for hand-written sampling loops. For a pipeline with two
+        transformers a `PipelineCacheHandle` over both (`handle["transformer_2"]` is one's own handle).
 
     Raises:
         ValueError: an unknown preset name, a malformed override, or a config value out of range (the
@@ -86,7 +101,21 @@ def apply(target: Any, config: PolicyConfig | str) -> CacheHandle:
         config = parse_policy(config)
     if not isinstance(config, PolicyConfig):
         raise TypeError(f"config must be a PolicyConfig or a preset name, got {type(config).__name__}")
-    model, scheduler = _resolve_target(target)
+    models, scheduler = _resolve_targets(target)
+    handles: dict[str, CacheHandle] = {}
+    try:
+        for name, model in models:
+            handles[name] = _apply_one(model, config, scheduler)
+    except BaseException:
+        for handle in handles.values():  # all or nothing: a failure on transformer_2 unhooks transformer
+            handle.remove()
+        raise
+    if len(handles) == 1:
+        return next(iter(handles.values()))
+    return PipelineCacheHandle(handles, config)
+
+
+def _apply_one(model: torch.nn.Module, config: PolicyConfig, scheduler: Any) -> CacheHandle:
     adapter = adapter_for(model)
     config = config.resolve(model)  # e.g. "auto:speedup=2" -> the config tuned for this model
     if not isinstance(config, PolicyConfig):
