@@ -209,8 +209,10 @@ def test_batch_rows_choose_their_own_tokens(profile_dir):
     torch.testing.assert_close(outputs[0][:1], outputs[1], rtol=1e-4, atol=1e-5)
 
 
-def test_full_context_attention_equals_the_full_block_on_kept_tokens():
-    """attention="all" (DiT): the running tokens attend to every token, so their outputs are the full block's."""
+@pytest.mark.parametrize("family", ["dit", "wan"])
+def test_full_context_attention_equals_the_full_block_on_kept_tokens(family):
+    """attention="all" (DiT, Wan): the running tokens attend to every token, so their outputs are the full
+    block's; the model's attention processors are back in place afterwards."""
 
     @dataclasses.dataclass(frozen=True)
     class ProbeConfig(PolicyConfig):
@@ -218,26 +220,31 @@ def test_full_context_attention_equals_the_full_block_on_kept_tokens():
 
     diffs: list[float] = []
 
+    ProbeConfig.__name__ = f"ProbeConfig{family}"
+
     @register_policy(ProbeConfig)
     class Probe(Policy):
         uses_block_hooks = True
 
         def block(self, call):
-            full = call.run()
+            full = call.outputs_of(call.run())["hidden_states"]
             index = torch.tensor([[0, 3, 5, 9], [1, 2, 12, 15]])[: full.shape[0]]
             update = torch.zeros_like(full)
             partial, _ = run_cached_block(call, index, update, full_context=True)
+            partial = call.outputs_of(partial)["hidden_states"]
             gather = index.unsqueeze(-1).expand(-1, -1, full.shape[-1])
             diffs.append(float((partial.gather(1, gather) - full.gather(1, gather)).abs().max()))
-            return full
+            return call.run()
 
-    model = _model("dit")
+    model = _model(family)
+    processors = [type(getattr(getattr(b, "attn1", None), "processor", None)).__name__ for b in model.modules()]
     handle = ditcache.apply(model, ProbeConfig())
     try:
-        _generate("dit", handle, steps=2, batch=2)
+        _generate(family, handle, steps=2, batch=2)
     finally:
         handle.remove()
     assert diffs and max(diffs) < 1e-5
+    assert [type(getattr(getattr(b, "attn1", None), "processor", None)).__name__ for b in model.modules()] == processors
 
 
 def test_lora_loads_on_apply_and_leaves_the_model_unchanged(profile_dir):

@@ -16,10 +16,8 @@ The predictor, its LoRA and the per-step mean scores come from a profile made by
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -29,6 +27,7 @@ from ..engine.calls import BlockCall, ForwardCall, shape_key
 from ..engine.state import BranchState
 from ..registry import register_policy, register_preset
 from .base import Policy
+from .tokencache_attention import attend_to_all_tokens, supports_full_context
 from .tokencache_schedule import ISTEP_SCHEDULES, block_keep_counts, choose_tokens, istep_schedule, uniform_keep_counts
 
 METHOD = "tokencache"
@@ -362,60 +361,6 @@ def row_tokens(call: BlockCall, per_row: bool | None) -> bool:
     if per_row is not None:
         return per_row
     return not any(arg.batch == "shared" for arg in call.ref.spec.token_args)
-
-
-def supports_full_context(view: Any) -> bool:
-    """attention="all" works on blocks whose self-attention `attn1` is a diffusers `Attention` that takes keys /
-    values from `encoder_hidden_states` without rotary positions (DiT's adaLN-Zero `BasicTransformerBlock`)."""
-    from diffusers.models.attention import BasicTransformerBlock
-
-    return view.adapter.name == "dit" and all(
-        isinstance(ref.module, BasicTransformerBlock) and not ref.module.only_cross_attention for ref in view.blocks
-    )
-
-
-class _ContextCost(torch.nn.Module):
-    """What attending to every token adds to a token-subset run: keys / values of the other tokens and the
-    attention of the running queries over them (MACs only: measured by the flop counter, never used)."""
-
-    def __init__(self, attention: torch.nn.Module) -> None:
-        super().__init__()
-        self.attention = attention
-
-    def forward(self, query: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-        attn = self.attention
-        heads = attn.heads
-        key, value = attn.to_k(others), attn.to_v(others)
-        split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
-        return torch.nn.functional.scaled_dot_product_attention(split(query), split(key), split(value))
-
-
-@contextlib.contextmanager
-def attend_to_all_tokens(call: BlockCall, index: torch.Tensor) -> Iterator[None]:
-    """While a token-subset run of this DiT block is inside, its self-attention takes queries from the running
-    tokens and keys / values from every token of the block's input (the adaLN-modulated `norm1` output of
-    all tokens), through a forward pre-hook on `attn1` removed on exit. The extra keys / values and attention
-    are counted in MACs like a token-subset run."""
-    block = call.ref.module
-    context = call.forward.engine.adapter.modulated_input(block, call.arguments)
-    attention = block.attn1
-
-    def inject(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return args, {**kwargs, "encoder_hidden_states": context}
-
-    handle = attention.register_forward_pre_hook(inject, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-    rows, kept, others = context.shape[0], index.shape[-1], context.shape[1] - index.shape[-1]
-    example = {
-        "query": torch.empty(rows, kept, context.shape[-1], dtype=context.dtype, device=context.device),
-        "others": torch.empty(rows, others, context.shape[-1], dtype=context.dtype, device=context.device),
-    }
-    key = ("tokencache-context", call.ref.position, shape_key(example))
-    call.forward.record.token_runs.append(key)
-    call.forward.engine.remember_block_example(key, _ContextCost(attention), (), example)
 
 
 def predict_scores(call: BlockCall, predictor: torch.nn.Module) -> torch.Tensor:
