@@ -1,0 +1,328 @@
+"""Image families (issue 15) end to end: real diffusers pipelines assembled from tiny components built in code.
+
+Text encoders and tokenizers are left out (None): every pipeline here takes `prompt_embeds` /
+`negative_prompt_embeds` (+ masks), so the transformer, the VAE (tiny `AutoencoderKL` / `AutoencoderKLQwenImage`)
+and the scheduler are the real ones and the pipeline drives the transformer exactly as in production. Lumina2
+and HiDream are driven with their pipeline's call pattern instead (said at each test).
+
+Each pipeline runs CFG its own way, and the engine must place every forward right under each:
+- PixArt-Sigma batches [uncond; cond] into one forward per step, no cache context: one branch, "default".
+- Qwen-Image runs cond and uncond as two forwards inside `cache_context("cond")` / `("uncond")`.
+- Chroma and Lumina2 run cond then uncond as two forwards per step with no cache context: the second unnamed
+  forward at a timestep is its own branch ("default-2"), so the two never share a cache; Lumina2's timestep
+  grows during sampling (1 - t / 1000), declared by its adapter.
+
+Off (`none`) and after `remove()` outputs are bit-identical to the untouched pipeline; on, something is reused
+(counts asserted) and executed MACs are below the full ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLQwenImage,
+    ChromaPipeline,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PixArtSigmaPipeline,
+    QwenImagePipeline,
+)
+
+import ditcache
+from ditcache.applicability import applies
+from ditcache.engine.engine import ENGINE_ATTR
+from ditcache.testing import tiny_inputs, tiny_model, tiny_uncond_inputs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+STEPS = 6
+
+
+def _tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
+    """One-level AutoencoderKL (scale factor 1)."""
+    return AutoencoderKL(
+        block_out_channels=(8,),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        layers_per_block=1,
+        shift_factor=0.0,  # Chroma decodes with (latents / scaling_factor) + shift_factor
+    ).eval()
+
+
+def _text(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+
+
+def _pixart():
+    torch.manual_seed(0)
+    pipe = PixArtSigmaPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=_tiny_vae(),
+        transformer=tiny_model("pixart"),
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    positive, negative = _text(0)
+    mask = torch.ones(1, 5)
+
+    def run(output_type: str = "latent") -> torch.Tensor:
+        return pipe(
+            negative_prompt=None,
+            prompt_embeds=positive,
+            prompt_attention_mask=mask,
+            negative_prompt_embeds=negative,
+            negative_prompt_attention_mask=mask,
+            guidance_scale=4.0,
+            num_inference_steps=STEPS,
+            height=8,
+            width=8,
+            use_resolution_binning=False,
+            generator=torch.Generator().manual_seed(1),
+            output_type=output_type,
+        ).images
+
+    return pipe, run
+
+
+def _qwenimage():
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(
+        base_dim=4,
+        z_dim=4,  # the tiny transformer's 16 input channels = 4 channels packed 2x2
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    pipe = QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae.eval(),
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny_model("qwenimage"),
+    )
+    positive, negative = _text(0)
+    mask = torch.ones(1, 5, dtype=torch.long)
+
+    def run(output_type: str = "latent") -> torch.Tensor:
+        return pipe(
+            prompt_embeds=positive,
+            prompt_embeds_mask=mask,
+            negative_prompt_embeds=negative,
+            negative_prompt_embeds_mask=mask,
+            true_cfg_scale=4.0,  # > 1 with a negative prompt: a second, "uncond" forward per step
+            num_inference_steps=STEPS,
+            height=32,
+            width=32,
+            generator=torch.Generator().manual_seed(1),
+            output_type=output_type,
+        ).images
+
+    return pipe, run
+
+
+def _chroma():
+    torch.manual_seed(0)
+    pipe = ChromaPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_tiny_vae(latent_channels=1),  # the tiny transformer's 4 input channels = 1 channel packed 2x2
+        text_encoder=None,
+        tokenizer=None,
+        transformer=tiny_model("chroma"),
+    )
+    positive, negative = _text(0)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+
+    def run(output_type: str = "latent") -> torch.Tensor:
+        return pipe(
+            prompt_embeds=positive,
+            prompt_attention_mask=mask,
+            negative_prompt_embeds=negative,
+            negative_prompt_attention_mask=mask,
+            guidance_scale=4.0,
+            num_inference_steps=STEPS,
+            height=16,
+            width=16,
+            generator=torch.Generator().manual_seed(1),
+            output_type=output_type,
+        ).images
+
+    return pipe, run
+
+
+PIPELINES = {"pixart": (_pixart, ["default"]), "qwenimage": (_qwenimage, ["cond", "uncond"])}
+PIPELINES["chroma"] = (_chroma, ["default", "default-2"])
+
+
+@pytest.fixture(scope="module", params=sorted(PIPELINES))
+def pipeline(request):
+    make, branches = PIPELINES[request.param]
+    pipe, run = make()
+    return request.param, pipe, run, branches, run()  # the untouched pipeline's latents
+
+
+def _branches(handle) -> list[str]:
+    return [record.branch for record in handle.records()]
+
+
+def test_off_and_removed_are_bit_identical_to_the_untouched_pipeline(pipeline):
+    name, pipe, run, branches, reference = pipeline
+    handle = ditcache.apply(pipe, "none")
+    try:
+        cached = run()
+        stats = handle.stats().last
+    finally:
+        handle.remove()
+    assert torch.equal(cached, reference)
+    assert torch.equal(run(), reference)
+    assert getattr(pipe.transformer, ENGINE_ATTR, None) is None
+    assert stats.steps == STEPS and stats.forwards == STEPS * len(branches)
+    assert _branches(handle) == branches * STEPS  # the pipeline's CFG layout, placed step by step
+    assert stats.reused_forwards == 0 and stats.macs_executed == stats.macs_full
+
+
+@pytest.mark.parametrize("preset", ["static-2", "fora-2", "omnicache-hier"])
+def test_caching_reuses_and_counts_macs(pipeline, preset):
+    name, pipe, run, branches, reference = pipeline
+    handle = ditcache.apply(pipe, preset)
+    try:
+        cached = run()
+        stats = handle.stats().last
+        records = handle.records()
+    finally:
+        handle.remove()
+    assert torch.isfinite(cached).all() and cached.shape == reference.shape
+    assert not torch.equal(cached, reference)
+    assert stats.steps == STEPS and stats.forwards == STEPS * len(branches)
+    assert 0 < stats.macs_executed < stats.macs_full
+    per_branch = {b: [r.kind for r in records if r.branch == b] for b in branches}
+    if preset == "static-2":  # output reuse: the same steps in every branch
+        assert stats.reused_forwards == 2 * len(branches)
+        assert len({tuple(kinds) for kinds in per_branch.values()}) == 1
+    elif preset == "fora-2":  # block residuals: steps 3 and 5 (after 2 warm-up steps) skip every block
+        assert stats.blocks_computed.count(0.0) == 2 * len(branches)
+    else:  # token subsets (Chroma: its dual-stream blocks only)
+        assert stats.token_fraction < 1.0
+    assert torch.equal(run(), reference)
+
+
+def test_decoded_images_match_with_caching_off(pipeline):
+    name, pipe, run, branches, reference = pipeline
+    images = run("pt")
+    handle = ditcache.apply(pipe, "none")
+    try:
+        assert torch.equal(run("pt"), images)
+    finally:
+        handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------------------
+def test_lumina2_call_pattern_separate_unnamed_forwards_with_growing_timesteps():
+    """Lumina2Pipeline's loop, as written there (its Gemma text encoder is left out): per step, cond then uncond,
+    no cache context, `timestep = 1 - t / 1000` (grows from 0 to 1), CFG combined outside the model."""
+    model, inputs = tiny_model("lumina2"), tiny_inputs("lumina2")
+    uncond = tiny_uncond_inputs("lumina2", inputs)
+    scheduler = FlowMatchEulerDiscreteScheduler()
+
+    @torch.no_grad()
+    def sample():
+        scheduler.set_timesteps(STEPS)
+        latents = inputs["hidden_states"].clone()
+        cond = {k: v for k, v in inputs.items() if k != "hidden_states"}
+        for t in scheduler.timesteps:
+            current = (1 - t / scheduler.config.num_train_timesteps).expand(latents.shape[0])
+            v = model(hidden_states=latents, timestep=current, return_dict=False, **cond)[0]
+            u = model(hidden_states=latents, timestep=current, return_dict=False, **uncond)[0]
+            latents = scheduler.step(-(u + 4.0 * (v - u)), t, latents, return_dict=False)[0]
+        return latents
+
+    reference = sample()
+    handle = ditcache.apply(model, "fora-2")
+    try:
+        cached, again = sample(), sample()  # a second call is detected as a new generation
+        stats = handle.stats()
+    finally:
+        handle.remove()
+    assert [g.steps for g in stats.generations] == [STEPS, STEPS]
+    assert [r.branch for r in handle.records()][: 2 * STEPS] == ["default", "default-2"] * STEPS
+    assert stats.last.blocks_computed.count(0.0) == 4 and stats.last.macs_executed < stats.last.macs_full
+    assert torch.equal(cached, again) and not torch.equal(cached, reference)
+    assert torch.equal(sample(), reference)
+
+
+def test_hidream_call_pattern_batched_cfg_with_timesteps_keyword():
+    """HiDreamImagePipeline's loop (its four text encoders left out): [uncond; cond] latents in one forward,
+    `timesteps=` (not `timestep`), t falling from 1000, no cache context."""
+    model = tiny_model("hidream")
+    inputs = tiny_inputs("hidream", batch=2)
+    latents = inputs.pop("hidden_states")[:1]
+    handle = ditcache.apply(model, "fora-2")
+    try:
+        with torch.no_grad():
+            for t in torch.linspace(1000, 0, STEPS + 1)[:-1]:
+                both = torch.cat([latents] * 2)
+                out = model(hidden_states=both, timesteps=t.expand(2), return_dict=False, **inputs)[0]
+                u, v = out.chunk(2)
+                latents = latents - (u + 4.0 * (v - u)) / STEPS
+        stats = handle.stats().last
+    finally:
+        handle.remove()
+    assert stats.steps == STEPS and stats.forwards == STEPS
+    assert {r.branch for r in handle.records()} == {"default"}
+    assert stats.blocks_computed.count(0.0) == 2 and stats.macs_executed < stats.macs_full
+    assert torch.isfinite(latents).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sana", "lumina2", "hidream"])
+@pytest.mark.parametrize("preset", ["tokencache", "omnicache-hier"])
+def test_token_subset_methods_refuse_full_grid_families_up_front(family, preset):
+    model = tiny_model(family)
+    assert not applies(ditcache.preset(preset), model)
+    with pytest.raises(TypeError, match=f"does not apply to {type(model).__name__}.*token_subsets"):
+        ditcache.apply(model, preset)
+    assert getattr(model, ENGINE_ATTR, None) is None
+
+
+def test_run_tokens_names_the_family_and_the_method_on_a_full_grid_block():
+    """A policy that asks Sana's conv feed-forward block for a token subset gets a clear error, not a shape error
+    deep inside GLUMBConv or a silently wrong result."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class HalfTokensConfig(ditcache.PolicyConfig):
+        pass
+
+    @ditcache.register_policy(HalfTokensConfig)
+    class HalfTokensPolicy(ditcache.Policy):
+        uses_block_hooks = True
+
+        def block(self, call):
+            stream = call.arguments["hidden_states"]
+            return call.run_tokens(torch.arange(stream.shape[1] // 2), stream)
+
+    model, inputs = tiny_model("sana"), tiny_inputs("sana")
+    handle = ditcache.apply(model, HalfTokensConfig())
+    try:
+        with pytest.raises(TypeError, match="HalfTokensPolicy runs blocks on token subsets.*sana adapter.*GLUMBConv"):
+            model(timestep=torch.tensor([500.0]), **inputs)
+    finally:
+        handle.remove()
+
+
+def test_models_command_lists_the_image_families_with_their_methods(capsys):
+    from ditcache.cli import main
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for cls in ("PixArtTransformer2DModel", "QwenImageTransformer2DModel", "ChromaTransformer2DModel"):
+        assert f"{cls} [" in out
+    sana = out[out.index("SanaTransformer2DModel [") :].split("\n")
+    assert sana[2].startswith("    presets: all but") and "tokencache" in sana[3] and "GLUMBConv" in sana[3]
