@@ -8,22 +8,13 @@ with `causal_block_size` the model adds a block-causal (1, 1, N, N) attention ma
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from diffusers import SkyReelsV2Transformer3DModel
 
 from .base import BlockListSpec, ModelAdapter, TokenArg
-from .wan import _wan_grid
-
-
-def _skyreels_modulated_input(block: torch.nn.Module, arguments: Mapping[str, Any]) -> torch.Tensor:
-    hidden_states, temb = arguments["hidden_states"], arguments["temb"]
-    if temb.ndim != 3:
-        raise ValueError("per-frame timesteps (diffusion forcing) are not supported by modulated-input criteria")
-    shift, scale = (block.scale_shift_table + temb.float()).chunk(6, dim=1)[:2]
-    return block.norm1(hidden_states.float()) * (1 + scale) + shift
+from .wan import _wan_grid, _wan_modulated_input
 
 
 def _skyreels_resized_kwargs(kwargs: dict[str, Any], grid: Any) -> dict[str, Any]:
@@ -57,7 +48,7 @@ SKYREELS_V2 = ModelAdapter(
     grid=_wan_grid,
     resized_kwargs=_skyreels_resized_kwargs,
     patch=lambda model: tuple(model.config.patch_size),
-    modulated_input=_skyreels_modulated_input,
+    modulated_input=_wan_modulated_input,  # the same modulation (per-frame timesteps raise)
     pipeline_cfg=(
         "separate forwards: cache_context('cond'), then cache_context('uncond') (text-to-video, image-to-video "
         "and the diffusion-forcing pipelines)"
