@@ -11,6 +11,7 @@ loop's transformer calls: argument names, CFG layout, `cache_context` names and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ import ditcache
 from ditcache.adapters import adapter_for
 from ditcache.adapters.resize import strided_token_index
 from ditcache.engine.binding import BoundCall
-from ditcache.testing import tiny_inputs, tiny_model, tiny_uncond_inputs
+from ditcache.testing import euler_sample, tiny_inputs, tiny_model, tiny_uncond_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VIDEO = ("hunyuan-video", "cogvideox", "ltx", "mochi", "allegro", "skyreels-v2", "cosmos")
@@ -71,6 +72,59 @@ def test_grid_and_modulated_input_match_what_the_first_block_sees(family):
 def test_token_subset_methods_raise_where_blocks_cannot_run_on_a_subset(family, preset):
     with pytest.raises(TypeError, match="subset of its tokens"):
         ditcache.apply(tiny_model(family), preset)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SubsetProbeConfig(ditcache.PolicyConfig):
+    """Test-only: at step 1 every block also runs on all its tokens and on 5 random tokens per row."""
+
+    seed: int = 0
+
+
+@ditcache.register_policy(_SubsetProbeConfig)
+class _SubsetProbePolicy(ditcache.Policy):
+    uses_block_hooks = True
+
+    def __init__(self, config: _SubsetProbeConfig, adapter: Any) -> None:
+        super().__init__(config, adapter)
+        self.seen: list[tuple[Any, ...]] = []
+
+    def block(self, call: Any) -> Any:
+        if call.info.step != 1:
+            return call.run()
+        stream = call.arguments["hidden_states"]
+        batch, tokens = stream.shape[:2]
+        g = torch.Generator().manual_seed(call.ref.position)
+        index = torch.stack([torch.randperm(tokens, generator=g)[:5] for _ in range(batch)])
+        base = torch.randn(stream.shape, generator=g)
+        full = call.run()
+        everything = call.outputs_of(call.run_tokens(torch.arange(tokens), base))["hidden_states"]
+        subset = call.outputs_of(call.run_tokens(index, base))["hidden_states"]
+        self.seen.append((call.outputs_of(full)["hidden_states"], everything, index, subset))
+        return full
+
+
+@pytest.mark.parametrize("family", [f for f in VIDEO if f not in NO_TOKEN_SUBSETS])
+def test_token_subsets_all_tokens_is_run_and_rows_are_independent(family):
+    """Per-token arguments (rotary tables with or without a batch axis, per-token modulation) are gathered so
+    that all tokens is exactly `run()`, and row 0 of a per-row subset run ignores row 1's input."""
+    model = tiny_model(family)
+    runs = []
+    for change_row_1 in (False, True):
+        inputs = tiny_inputs(family, batch=2)
+        if change_row_1:
+            inputs["hidden_states"][1] = torch.randn_like(inputs["hidden_states"][1])
+        handle = ditcache.apply(model, _SubsetProbeConfig())
+        try:
+            euler_sample(model, family, inputs, 2)
+            runs.append(handle.policy.seen)
+        finally:
+            handle.remove()
+    assert len(runs[0]) == len(runs[1]) > 0
+    for (full, everything, index_a, a), (_, _, index_b, b) in zip(*runs):
+        assert torch.equal(full, everything)
+        assert torch.equal(index_a[0], index_b[0])
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-6)
 
 
 def test_strided_token_index_picks_the_first_token_of_each_pooled_cell():
