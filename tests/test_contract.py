@@ -54,6 +54,7 @@ REUSE_STEPS = (8, 6)
 GUIDANCE = 3.0
 BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "class_labels")
 BATCHED += ("encoder_attention_mask", "encoder_hidden_states_t5", "pooled_embeds")  # Lumina2, HiDream
+BATCHED += ("original_size", "target_size", "crop_coords")  # CogView4
 BATCH_AXIS = {"encoder_hidden_states_llama3": 1}  # HiDream's Llama stack (layers, B, S, D)
 # Policies whose reuse schedule depends on nothing but the step index: their batch rows must be comparable.
 FIXED_SCHEDULES = (ditcache.NoCacheConfig, ditcache.StaticIntervalConfig, ditcache.ReuseScheduleConfig)

@@ -9,15 +9,18 @@ from __future__ import annotations
 import torch
 
 from .allegro import ALLEGRO
+from .auraflow import AURAFLOW
 from .base import BLOCK_KINDS, EXECUTION_ORDERS, TOKEN_ORDERS, BlockListSpec, LatentGrid, ModelAdapter, TokenArg
 from .chroma import CHROMA
 from .cogvideox import COGVIDEOX
+from .cogview4 import COGVIEW4
 from .cosmos import COSMOS
 from .dit import DIT
 from .flux import FLUX
 from .flux2 import FLUX2
 from .hidream import HIDREAM
 from .hunyuan_video import HUNYUAN_VIDEO
+from .hunyuanimage import HUNYUANIMAGE
 from .latte import LATTE
 from .ltx import LTX
 from .lumina2 import LUMINA2
@@ -74,7 +77,8 @@ def adapter_for_class(model_class: type[torch.nn.Module]) -> ModelAdapter:
 
 for _adapter in (FLUX, SD3, WAN, DIT, LATTE):
     register_adapter(_adapter)
-for _adapter in (PIXART, QWENIMAGE, CHROMA, SANA, LUMINA2, HIDREAM, FLUX2):  # image families (issue 15)
+_IMAGE = (PIXART, QWENIMAGE, CHROMA, SANA, LUMINA2, HIDREAM, FLUX2, COGVIEW4, AURAFLOW, HUNYUANIMAGE)
+for _adapter in _IMAGE:  # image families (issue 15)
     register_adapter(_adapter)
 for _adapter in (HUNYUAN_VIDEO, COGVIDEOX, LTX, MOCHI, ALLEGRO, SKYREELS_V2, COSMOS):  # video families
     register_adapter(_adapter)

@@ -5,14 +5,17 @@ Adding a family: a file here that calls `register_tiny(TinyFamily(...))` and an 
 
 from . import (  # noqa: F401  (registration: image and video families)
     allegro,
+    auraflow,
     chroma,
     cogvideox,
+    cogview4,
     cosmos,
     dit,
     flux,
     flux2,
     hidream,
     hunyuan_video,
+    hunyuanimage,
     latte,
     ltx,
     lumina2,
