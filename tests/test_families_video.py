@@ -20,8 +20,10 @@ import torch
 import ditcache
 from ditcache.adapters import adapter_for
 from ditcache.adapters.resize import strided_token_index
+from ditcache.applicability import applies
+from ditcache.calibration.profiles import PROFILE_DIR_ENV
 from ditcache.engine.binding import BoundCall
-from ditcache.testing import euler_sample, tiny_inputs, tiny_model, tiny_uncond_inputs
+from ditcache.testing import euler_sample, tiny_inputs, tiny_model, tiny_uncond_inputs, write_tiny_profiles
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 VIDEO = ("hunyuan-video", "cogvideox", "ltx", "mochi", "allegro", "skyreels-v2", "cosmos")
@@ -289,3 +291,42 @@ def test_unnamed_cfg_forwards_keep_separate_caches():
     assert reused == [(2, "default"), (2, "default-2")]
     assert torch.equal(outputs[4], outputs[2]) and torch.equal(outputs[5], outputs[3])  # step 2 = step 1, per branch
     assert not torch.equal(outputs[4], outputs[5])
+
+
+# One preset per method, the one that reuses most; the calibrated ones read tiny profiles written for the model.
+METHOD_PRESETS = (
+    "static-4",
+    "fora-4",
+    "teacache-0.3",
+    "precisecache-flash",
+    "mixcache-eff",
+    "omnicache-traj-fast",
+    "omnicache-hier",
+    "omnicache-layered-3x",
+    "tokencache-fast",
+    "auto",
+)
+
+
+@pytest.mark.parametrize("family", VIDEO)
+def test_every_method_that_applies_reuses_something_and_counts_macs(family, tmp_path, monkeypatch):
+    import importlib
+
+    generate = importlib.import_module("tests.test_contract").generate  # the contract's pipeline-like loop
+    model, inputs = tiny_model(family), tiny_inputs(family)
+    uncond = tiny_uncond_inputs(family, inputs)
+    presets = [p for p in METHOD_PRESETS if applies(ditcache.preset(p), model)]
+    methods = {type(ditcache.preset(p)).profile_method for p in presets} - {None}
+    write_tiny_profiles(tmp_path, model, (6,), methods=sorted(methods))
+    monkeypatch.setenv(PROFILE_DIR_ENV, str(tmp_path))
+    for preset in presets:
+        handle = ditcache.apply(model, preset)
+        try:
+            out = generate(model, family, inputs, 6, uncond, handle=handle)
+            stats = handle.stats().last
+        finally:
+            handle.remove()
+        assert torch.isfinite(out).all(), preset
+        assert stats.forwards == 12 and stats.macs_full > stats.macs_executed > 0, (preset, stats)
+    expected = len(METHOD_PRESETS) - (2 if family in NO_TOKEN_SUBSETS else 0)  # omnicache-hier, tokencache
+    assert len(presets) == expected
