@@ -1,12 +1,13 @@
 """Image families (issue 15) end to end: real diffusers pipelines assembled from tiny components built in code.
 
 Text encoders and tokenizers are left out (None): every pipeline here takes `prompt_embeds` /
-`negative_prompt_embeds` (+ masks), so the transformer, the VAE (tiny `AutoencoderKL` / `AutoencoderKLQwenImage`)
-and the scheduler are the real ones and the pipeline drives the transformer exactly as in production. Lumina2
-and HiDream are driven with their pipeline's call pattern instead (said at each test).
+`negative_prompt_embeds` (+ masks), so the transformer, the VAE (tiny `AutoencoderKL`, `AutoencoderDC`,
+`AutoencoderKLQwenImage`) and the scheduler are the real ones and the pipeline drives the transformer exactly as
+in production. Lumina2 and HiDream are driven with their pipeline's call pattern instead (said at each test).
 
 Each pipeline runs CFG its own way, and the engine must place every forward right under each:
-- PixArt-Sigma batches [uncond; cond] into one forward per step, no cache context: one branch, "default".
+- PixArt-Sigma and Sana batch [uncond; cond] into one forward per step, no cache context: one branch,
+  "default".
 - Qwen-Image runs cond and uncond as two forwards inside `cache_context("cond")` / `("uncond")`.
 - Chroma and Lumina2 run cond then uncond as two forwards per step with no cache context: the second unnamed
   forward at a timestep is its own branch ("default-2"), so the two never share a cache; Lumina2's timestep
@@ -21,6 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLQwenImage,
     ChromaPipeline,
@@ -28,6 +30,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     PixArtSigmaPipeline,
     QwenImagePipeline,
+    SanaPipeline,
 )
 
 import ditcache
@@ -157,7 +160,57 @@ def _chroma():
     return pipe, run
 
 
+def _sana():
+    torch.manual_seed(0)
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=[1, 1],
+        downsample_block_type="conv",
+        upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    pipe = SanaPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae.eval(),
+        transformer=tiny_model("sana"),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    positive, negative = _text(0)
+    mask = torch.ones(1, 5)
+
+    def run(output_type: str = "latent") -> torch.Tensor:
+        return pipe(
+            negative_prompt=None,
+            prompt_embeds=positive,
+            prompt_attention_mask=mask,
+            negative_prompt_embeds=negative,
+            negative_prompt_attention_mask=mask,
+            guidance_scale=4.0,
+            num_inference_steps=STEPS,
+            height=32,  # SanaPipeline wants multiples of 32
+            width=32,
+            use_resolution_binning=False,
+            generator=torch.Generator().manual_seed(1),
+            output_type=output_type,
+        ).images
+
+    return pipe, run
+
+
 PIPELINES = {"pixart": (_pixart, ["default"]), "qwenimage": (_qwenimage, ["cond", "uncond"])}
+PIPELINES["sana"] = (_sana, ["default"])
 PIPELINES["chroma"] = (_chroma, ["default", "default-2"])
 
 
@@ -191,6 +244,10 @@ def test_off_and_removed_are_bit_identical_to_the_untouched_pipeline(pipeline):
 @pytest.mark.parametrize("preset", ["static-2", "fora-2", "omnicache-hier"])
 def test_caching_reuses_and_counts_macs(pipeline, preset):
     name, pipe, run, branches, reference = pipeline
+    if not applies(ditcache.preset(preset), pipe.transformer):  # Sana: no token subsets (conv feed-forward)
+        with pytest.raises(TypeError, match="token_subsets"):
+            ditcache.apply(pipe, preset)
+        return
     handle = ditcache.apply(pipe, preset)
     try:
         cached = run()
