@@ -35,8 +35,9 @@ from diffusers import (
 
 import ditcache
 from ditcache.applicability import applies
+from ditcache.calibration.profiles import PROFILE_DIR_ENV
 from ditcache.engine.engine import ENGINE_ATTR
-from ditcache.testing import tiny_inputs, tiny_model, tiny_uncond_inputs
+from ditcache.testing import tiny_inputs, tiny_model, tiny_uncond_inputs, write_tiny_profiles
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS = 6
@@ -383,3 +384,36 @@ def test_models_command_lists_the_image_families_with_their_methods(capsys):
         assert f"{cls} [" in out
     sana = out[out.index("SanaTransformer2DModel [") :].split("\n")
     assert sana[2].startswith("    presets: all but") and "tokencache" in sana[3] and "GLUMBConv" in sana[3]
+
+
+# ------------------------------------------------------------------------------------------------------------
+IMAGE = ("pixart", "sana", "qwenimage", "chroma", "flux2", "lumina2", "hidream", "cogview4", "auraflow", "hunyuanimage")
+NO_TOKEN_SUBSETS = ("sana", "lumina2", "hidream", "hunyuanimage")
+
+
+@pytest.mark.parametrize("family", IMAGE)
+def test_every_method_that_applies_reuses_something_and_counts_macs(family, tmp_path, monkeypatch):
+    """One preset per method (`tests/test_families_video.py`'s list), through the contract's pipeline-like loop;
+    the calibrated ones read tiny profiles written for the model."""
+    import importlib
+
+    generate = importlib.import_module("tests.test_contract").generate
+    method_presets = importlib.import_module("tests.test_families_video").METHOD_PRESETS
+    model, inputs = tiny_model(family), tiny_inputs(family)
+    uncond = tiny_uncond_inputs(family, inputs)
+    presets = [p for p in method_presets if applies(ditcache.preset(p), model)]
+    methods = {type(ditcache.preset(p)).profile_method for p in presets} - {None}
+    write_tiny_profiles(tmp_path, model, (6,), methods=sorted(methods))
+    monkeypatch.setenv(PROFILE_DIR_ENV, str(tmp_path))
+    for preset in presets:
+        handle = ditcache.apply(model, preset)
+        try:
+            out = generate(model, family, inputs, STEPS, uncond, handle=handle)
+            stats = handle.stats().last
+        finally:
+            handle.remove()
+        assert torch.isfinite(out).all(), preset
+        assert stats.forwards == 2 * STEPS and stats.macs_full > stats.macs_executed > 0, (preset, stats)
+    skipped = {"omnicache-hier", "tokencache-fast"} if family in NO_TOKEN_SUBSETS else set()
+    skipped |= {"omnicache-traj-fast"} if family == "hidream" else set()  # attention / MLP nested in HiDreamBlock
+    assert set(method_presets) - set(presets) == skipped

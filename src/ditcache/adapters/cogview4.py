@@ -33,7 +33,7 @@ COGVIEW4 = ModelAdapter(
             outputs=("hidden_states", "encoder_hidden_states"),
             kind="joint",
             attention=("attn1",),
-            mlp=("ff",),
+            mlp=(),  # `ff` runs twice per block (image, then text): its output cannot be reused as one
             token_args=(TokenArg("image_rotary_emb", dim=0, batch="shared"),),
         ),
     ),

@@ -1,4 +1,4 @@
-"""Tiny AuraFlowTransformer2DModel: 1 joint + 1 single-stream block, (B, 4, H, W) latents, patch 2."""
+"""Tiny AuraFlowTransformer2DModel: 2 joint + 1 single-stream block, (B, 4, H, W) latents, patch 2."""
 
 from diffusers import AuraFlowTransformer2DModel
 
@@ -13,7 +13,7 @@ AURAFLOW = register_tiny(
             sample_size=8,
             patch_size=2,
             in_channels=4,
-            num_mmdit_layers=1,
+            num_mmdit_layers=2,
             num_single_dit_layers=1,
             attention_head_dim=8,
             num_attention_heads=2,

@@ -1,4 +1,4 @@
-"""Tiny CogView4Transformer2DModel: 2 dual-stream blocks, (B, 4, H, W) latents, patch 2, SDXL-like sizes."""
+"""Tiny CogView4Transformer2DModel: 3 dual-stream blocks, (B, 4, H, W) latents, patch 2, SDXL-like sizes."""
 
 import torch
 from diffusers import CogView4Transformer2DModel
@@ -25,7 +25,7 @@ COGVIEW4 = register_tiny(
             patch_size=2,
             in_channels=4,
             out_channels=4,
-            num_layers=2,
+            num_layers=3,
             attention_head_dim=8,
             num_attention_heads=2,
             text_embed_dim=16,

@@ -1,4 +1,4 @@
-"""Tiny PixArtTransformer2DModel: 2 adaLN-single blocks with cross-attention, (B, 4, H, W) latents, patch 2."""
+"""Tiny PixArtTransformer2DModel: 3 adaLN-single blocks with cross-attention, (B, 4, H, W) latents, patch 2."""
 
 import torch
 from diffusers import PixArtTransformer2DModel
@@ -27,7 +27,7 @@ PIXART = register_tiny(
         model_class=PixArtTransformer2DModel,
         build=lambda: PixArtTransformer2DModel(
             sample_size=8,
-            num_layers=2,
+            num_layers=3,
             patch_size=2,
             attention_head_dim=8,
             num_attention_heads=2,

@@ -1,4 +1,4 @@
-"""Tiny QwenImageTransformer2DModel: 2 dual-stream blocks, packed (B, H*W, 16) latents (4 channels x 2x2)."""
+"""Tiny QwenImageTransformer2DModel: 3 dual-stream blocks, packed (B, H*W, 16) latents (4 channels x 2x2)."""
 
 import torch
 from diffusers import QwenImageTransformer2DModel
@@ -22,7 +22,7 @@ QWENIMAGE = register_tiny(
             patch_size=2,
             in_channels=16,
             out_channels=4,
-            num_layers=2,
+            num_layers=3,
             attention_head_dim=8,
             num_attention_heads=2,
             joint_attention_dim=16,
