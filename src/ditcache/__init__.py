@@ -12,7 +12,7 @@ from .api import apply, cache_context
 from .calibration.api import calibrate
 from .calibration.tune import TuneResult, tune
 from .config import PolicyConfig
-from .engine import BranchState, CacheHandle, ForwardInfo, ModelView, Stats
+from .engine import BranchState, CacheHandle, ForwardInfo, ModelView, PipelineCacheHandle, Stats
 from .policies import (
     MixCacheConfig,
     NoCacheConfig,
@@ -36,6 +36,7 @@ __all__ = [
     "BlockListSpec",
     "BranchState",
     "CacheHandle",
+    "PipelineCacheHandle",
     "ForwardInfo",
     "LatentGrid",
     "MixCacheConfig",

@@ -55,7 +55,9 @@ SKYREELS_V2 = ModelAdapter(
     ),
     notes=(
         "With causal_block_size (num_frame_per_block > 1) the (1, 1, N, N) block-causal mask cannot be cut to a "
-        "token subset: token-subset block runs fail on its shape. Diffusion forcing: steps are placed from "
-        "cache_context's step index; trial forwards raise."
+        "token subset: token-subset block runs fail on its shape. Diffusion forcing: trial forwards raise; the "
+        "pipeline names no step index, so steps are placed from the largest per-frame timestep, which stays at "
+        "1000 for several steps with ar_step > 0 (asynchronous): each such step starts a new generation and "
+        "nothing is reused (synchronous ar_step = 0 is placed right)."
     ),
 )

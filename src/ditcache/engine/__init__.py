@@ -1,7 +1,7 @@
 from .calls import BlockCall, BlockRef, ForwardCall, sample_of
 from .context import ForwardInfo
 from .engine import Engine
-from .handle import CacheHandle
+from .handle import CacheHandle, PipelineCacheHandle
 from .state import BranchState
 from .stats import GenerationStats, Stats
 from .view import ModelView
@@ -11,6 +11,7 @@ __all__ = [
     "BlockRef",
     "BranchState",
     "CacheHandle",
+    "PipelineCacheHandle",
     "Engine",
     "ForwardCall",
     "ForwardInfo",
