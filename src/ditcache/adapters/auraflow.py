@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from diffusers import AuraFlowTransformer2DModel
 
-from .base import BlockListSpec, ModelAdapter, adaln_zero_modulated_input
-from .pixart import patch_grid, square_patch
+from .base import (
+    BlockListSpec,
+    ModelAdapter,
+    adaln_zero_modulated_input,
+    concatenated_stream_list,
+    patch_grid,
+    square_patch,
+)
 
 AURAFLOW = ModelAdapter(
     name="auraflow",
@@ -24,15 +30,7 @@ AURAFLOW = ModelAdapter(
             attention=("attn",),
             mlp=("ff", "ff_context"),
         ),
-        BlockListSpec(
-            attr="single_transformer_blocks",
-            inputs=("hidden_states",),
-            outputs=("hidden_states",),
-            kind="joint",
-            attention=("attn",),
-            mlp=("ff",),
-            no_token_subsets="single-stream blocks carry [text; image] as one stream (the text must always run)",
-        ),
+        concatenated_stream_list("single_transformer_blocks", mlp=("ff",)),
     ),
     latent_layout="BCHW",
     grid=patch_grid,

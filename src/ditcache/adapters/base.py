@@ -142,6 +142,40 @@ class ModelAdapter:
             raise ValueError(f"execution_order must be one of {EXECUTION_ORDERS}, got {self.execution_order!r}")
 
 
+def patch_grid(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> LatentGrid:
+    """The token grid of a (B, C, H, W) latent cut into `model.config.patch_size` square patches."""
+    latent = kwargs["hidden_states"]
+    p = model.config.patch_size
+    return LatentGrid(frames=1, height=latent.shape[-2] // p, width=latent.shape[-1] // p, patch=(1, p, p))
+
+
+def square_patch(model: torch.nn.Module) -> tuple[int, int, int]:
+    return (1, model.config.patch_size, model.config.patch_size)
+
+
+def concatenated_stream_list(attr: str, mlp: tuple[str, ...]) -> BlockListSpec:
+    """Single-stream blocks over one [text; image] stream (Chroma, Flux2, AuraFlow): block and attention / MLP
+    reuse apply, token subsets do not (the text must always run)."""
+    return BlockListSpec(
+        attr=attr,
+        inputs=("hidden_states",),
+        outputs=("hidden_states",),
+        kind="joint",
+        attention=("attn",),
+        mlp=mlp,
+        no_token_subsets="single-stream blocks carry [text; image] as one stream (the text must always run)",
+    )
+
+
+def ada_norm_single_modulated_input(block: torch.nn.Module, arguments: Mapping[str, Any]) -> torch.Tensor:
+    """The first modulation of an adaLN-single block (`timestep` = the (B, 6 * C) table), as in
+    BasicTransformerBlock.forward ("ada_norm_single": PixArt, Latte) and SanaTransformerBlock.forward."""
+    hidden_states, timestep = arguments["hidden_states"], arguments["timestep"]
+    table = block.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)
+    shift, scale = table.chunk(6, dim=1)[:2]
+    return block.norm1(hidden_states) * (1 + scale) + shift
+
+
 def adaln_zero_modulated_input(block: torch.nn.Module, arguments: Mapping[str, Any]) -> torch.Tensor:
     """Blocks whose `norm1` is an AdaLayerNormZero called as `norm1(hidden_states, emb=temb)` (Flux, SD3)."""
     return block.norm1(arguments["hidden_states"], emb=arguments["temb"])[0]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from diffusers import ChromaTransformer2DModel
 
-from .base import BlockListSpec, LatentGrid, ModelAdapter, TokenArg
+from .base import BlockListSpec, LatentGrid, ModelAdapter, TokenArg, concatenated_stream_list
 from .flux import _flux_grid, flux_image_ids
 
 _ROTARY = TokenArg("image_rotary_emb", dim=0, batch="shared", offset_arg="encoder_hidden_states")
@@ -52,15 +52,7 @@ CHROMA = ModelAdapter(
             mlp=("ff", "ff_context"),
             token_args=(_ROTARY, TokenArg("attention_mask", dim=1, offset_arg="encoder_hidden_states")),
         ),
-        BlockListSpec(
-            attr="single_transformer_blocks",
-            inputs=("hidden_states",),
-            outputs=("hidden_states",),
-            kind="joint",
-            attention=("attn",),
-            mlp=("proj_mlp",),
-            no_token_subsets="single-stream blocks carry [text; image] as one stream (the text must always run)",
-        ),
+        concatenated_stream_list("single_transformer_blocks", mlp=("proj_mlp",)),
     ),
     latent_layout="BNC",
     grid=_flux_grid,

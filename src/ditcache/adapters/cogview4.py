@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from diffusers import CogView4Transformer2DModel
 
-from .base import BlockListSpec, ModelAdapter, TokenArg
-from .pixart import patch_grid, square_patch
+from .base import BlockListSpec, ModelAdapter, TokenArg, patch_grid, square_patch
 
 
 def _cogview4_modulated_input(block: torch.nn.Module, arguments: Mapping[str, Any]) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from diffusers import Flux2Transformer2DModel
 from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
 
-from .base import BlockListSpec, LatentGrid, ModelAdapter, TokenArg
+from .base import BlockListSpec, LatentGrid, ModelAdapter, TokenArg, concatenated_stream_list
 
 
 def flux2_image_ids(height: int, width: int) -> torch.Tensor:
@@ -62,15 +62,7 @@ FLUX2 = ModelAdapter(
             mlp=("ff", "ff_context"),
             token_args=(TokenArg("image_rotary_emb", dim=0, batch="shared", offset_arg="encoder_hidden_states"),),
         ),
-        BlockListSpec(
-            attr="single_transformer_blocks",
-            inputs=("hidden_states",),
-            outputs=("hidden_states",),
-            kind="joint",
-            attention=("attn",),
-            mlp=(),
-            no_token_subsets="single-stream blocks carry [text; image] as one stream (the text must always run)",
-        ),
+        concatenated_stream_list("single_transformer_blocks", mlp=()),
     ),
     latent_layout="BNC",
     grid=_flux2_grid,

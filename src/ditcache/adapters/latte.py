@@ -9,27 +9,18 @@ position; `LatentGrid` describes the whole (F, H, W) patch grid.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from diffusers import LatteTransformer3DModel
 
-from .base import BlockListSpec, LatentGrid, ModelAdapter
+from .base import BlockListSpec, LatentGrid, ModelAdapter, ada_norm_single_modulated_input
 
 
 def _latte_grid(model: torch.nn.Module, kwargs: dict[str, Any]) -> LatentGrid:
     latent = kwargs["hidden_states"]  # (B, C, F, H, W)
     p = model.config.patch_size
     return LatentGrid(frames=latent.shape[2], height=latent.shape[3] // p, width=latent.shape[4] // p, patch=(1, p, p))
-
-
-def _latte_modulated_input(block: torch.nn.Module, arguments: Mapping[str, Any]) -> torch.Tensor:
-    # The first spatial block's adaLN-single modulation, as in BasicTransformerBlock.forward ("ada_norm_single").
-    hidden_states, timestep = arguments["hidden_states"], arguments["timestep"]
-    table = block.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)
-    shift, scale = table.chunk(6, dim=1)[:2]
-    return block.norm1(hidden_states) * (1 + scale) + shift
 
 
 LATTE = ModelAdapter(
@@ -56,7 +47,7 @@ LATTE = ModelAdapter(
     latent_layout="BCFHW",
     grid=_latte_grid,
     patch=lambda model: (1, model.config.patch_size, model.config.patch_size),
-    modulated_input=_latte_modulated_input,
+    modulated_input=ada_norm_single_modulated_input,  # of the first spatial block
     execution_order="interleaved",
     notes="LattePipeline runs CFG batched and sets no cache context: steps are placed from the timestep.",
 )

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from diffusers import Lumina2Transformer2DModel
 
-from .base import BlockListSpec, ModelAdapter
-from .pixart import patch_grid, square_patch
+from .base import BlockListSpec, ModelAdapter, patch_grid, square_patch
 
 
 def _lumina2_modulated_input(block: torch.nn.Module, arguments: Mapping[str, Any]) -> torch.Tensor:

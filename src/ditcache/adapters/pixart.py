@@ -8,34 +8,9 @@ PixArtSigmaPipeline batch CFG into one forward (uncond rows first) and set no ca
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-import torch
 from diffusers import PixArtTransformer2DModel
 
-from .base import BlockListSpec, LatentGrid, ModelAdapter
-
-
-def patch_grid(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> LatentGrid:
-    """The token grid of a (B, C, H, W) latent cut into `model.config.patch_size` patches."""
-    latent = kwargs["hidden_states"]
-    p = model.config.patch_size
-    return LatentGrid(frames=1, height=latent.shape[-2] // p, width=latent.shape[-1] // p, patch=(1, p, p))
-
-
-def square_patch(model: torch.nn.Module) -> tuple[int, int, int]:
-    return (1, model.config.patch_size, model.config.patch_size)
-
-
-def ada_norm_single_modulated_input(block: torch.nn.Module, arguments: Mapping[str, Any]) -> torch.Tensor:
-    """The first modulation of an adaLN-single block (`timestep` = the (B, 6 * C) table): PixArt's
-    BasicTransformerBlock ("ada_norm_single") and Sana's block use the same arithmetic."""
-    hidden_states, timestep = arguments["hidden_states"], arguments["timestep"]
-    table = block.scale_shift_table[None] + timestep.reshape(hidden_states.shape[0], 6, -1)
-    shift, scale = table.chunk(6, dim=1)[:2]
-    return block.norm1(hidden_states) * (1 + scale) + shift
-
+from .base import BlockListSpec, ModelAdapter, ada_norm_single_modulated_input, patch_grid, square_patch
 
 PIXART = ModelAdapter(
     name="pixart",

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from diffusers import SanaTransformer2DModel
 
-from .base import BlockListSpec, ModelAdapter
-from .pixart import ada_norm_single_modulated_input, patch_grid, square_patch
+from .base import BlockListSpec, ModelAdapter, ada_norm_single_modulated_input, patch_grid, square_patch
 
 SANA = ModelAdapter(
     name="sana",

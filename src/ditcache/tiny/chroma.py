@@ -3,17 +3,15 @@
 import torch
 from diffusers import ChromaTransformer2DModel
 
-from ..adapters.flux import flux_image_ids
 from .base import TinyFamily, register_tiny
+from .flux import _inputs as flux_inputs
 
 
 def _inputs(batch: int, g: torch.Generator, size: int, frames: int) -> dict:
-    return {
-        "hidden_states": torch.randn(batch, size * size, 4, generator=g),
-        "encoder_hidden_states": torch.randn(batch, 5, 16, generator=g),
-        "img_ids": flux_image_ids(size, size),
-        "txt_ids": torch.zeros(5, 3),
-    }
+    """Flux's inputs without the pooled projection (Chroma has none)."""
+    inputs = flux_inputs(batch, g, size, frames)
+    del inputs["pooled_projections"]
+    return inputs
 
 
 CHROMA = register_tiny(
