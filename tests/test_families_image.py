@@ -58,44 +58,37 @@ def _tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
     ).eval()
 
 
-def _text(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+def _runner(pipe, mask_names: tuple[str, str], mask: torch.Tensor, **call):
+    """`run(output_type)`: one seeded `STEPS`-step call with fixed prompt / negative embeddings (+ masks, named
+    as the pipeline names them) and the pipeline's own keywords."""
+    g = torch.Generator().manual_seed(0)
+    positive, negative = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
+    embeds = {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+    embeds.update({mask_names[0]: mask, mask_names[1]: mask})
+
+    def run(output_type: str = "latent") -> torch.Tensor:
+        generator = torch.Generator().manual_seed(1)
+        return pipe(**embeds, **call, num_inference_steps=STEPS, generator=generator, output_type=output_type).images
+
+    return run
+
+
+def _pipeline(cls, transformer: str, vae: torch.nn.Module, scheduler):
+    torch.manual_seed(0)
+    model = tiny_model(transformer)
+    return cls(scheduler=scheduler, vae=vae.eval(), text_encoder=None, tokenizer=None, transformer=model)
+
+
+PIXART_MASKS = ("prompt_attention_mask", "negative_prompt_attention_mask")  # PixArt, Sana, Chroma
 
 
 def _pixart():
-    torch.manual_seed(0)
-    pipe = PixArtSigmaPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=_tiny_vae(),
-        transformer=tiny_model("pixart"),
-        scheduler=DPMSolverMultistepScheduler(),
-    )
-    positive, negative = _text(0)
-    mask = torch.ones(1, 5)
-
-    def run(output_type: str = "latent") -> torch.Tensor:
-        return pipe(
-            negative_prompt=None,
-            prompt_embeds=positive,
-            prompt_attention_mask=mask,
-            negative_prompt_embeds=negative,
-            negative_prompt_attention_mask=mask,
-            guidance_scale=4.0,
-            num_inference_steps=STEPS,
-            height=8,
-            width=8,
-            use_resolution_binning=False,
-            generator=torch.Generator().manual_seed(1),
-            output_type=output_type,
-        ).images
-
-    return pipe, run
+    pipe = _pipeline(PixArtSigmaPipeline, "pixart", _tiny_vae(), DPMSolverMultistepScheduler())
+    call = dict(negative_prompt=None, guidance_scale=4.0, height=8, width=8, use_resolution_binning=False)
+    return pipe, _runner(pipe, PIXART_MASKS, torch.ones(1, 5), **call)
 
 
 def _qwenimage():
-    torch.manual_seed(0)
     vae = AutoencoderKLQwenImage(
         base_dim=4,
         z_dim=4,  # the tiny transformer's 16 input channels = 4 channels packed 2x2
@@ -105,64 +98,21 @@ def _qwenimage():
         latents_mean=[0.0] * 4,
         latents_std=[1.0] * 4,
     )
-    pipe = QwenImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=vae.eval(),
-        text_encoder=None,
-        tokenizer=None,
-        transformer=tiny_model("qwenimage"),
-    )
-    positive, negative = _text(0)
-    mask = torch.ones(1, 5, dtype=torch.long)
-
-    def run(output_type: str = "latent") -> torch.Tensor:
-        return pipe(
-            prompt_embeds=positive,
-            prompt_embeds_mask=mask,
-            negative_prompt_embeds=negative,
-            negative_prompt_embeds_mask=mask,
-            true_cfg_scale=4.0,  # > 1 with a negative prompt: a second, "uncond" forward per step
-            num_inference_steps=STEPS,
-            height=32,
-            width=32,
-            generator=torch.Generator().manual_seed(1),
-            output_type=output_type,
-        ).images
-
-    return pipe, run
+    pipe = _pipeline(QwenImagePipeline, "qwenimage", vae, FlowMatchEulerDiscreteScheduler())
+    masks = ("prompt_embeds_mask", "negative_prompt_embeds_mask")
+    # true_cfg_scale > 1 with a negative prompt: a second, "uncond" forward per step
+    call = dict(true_cfg_scale=4.0, height=32, width=32)
+    return pipe, _runner(pipe, masks, torch.ones(1, 5, dtype=torch.long), **call)
 
 
 def _chroma():
-    torch.manual_seed(0)
-    pipe = ChromaPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=_tiny_vae(latent_channels=1),  # the tiny transformer's 4 input channels = 1 channel packed 2x2
-        text_encoder=None,
-        tokenizer=None,
-        transformer=tiny_model("chroma"),
-    )
-    positive, negative = _text(0)
-    mask = torch.ones(1, 5, dtype=torch.bool)
-
-    def run(output_type: str = "latent") -> torch.Tensor:
-        return pipe(
-            prompt_embeds=positive,
-            prompt_attention_mask=mask,
-            negative_prompt_embeds=negative,
-            negative_prompt_attention_mask=mask,
-            guidance_scale=4.0,
-            num_inference_steps=STEPS,
-            height=16,
-            width=16,
-            generator=torch.Generator().manual_seed(1),
-            output_type=output_type,
-        ).images
-
-    return pipe, run
+    # the tiny transformer's 4 input channels = 1 channel packed 2x2
+    pipe = _pipeline(ChromaPipeline, "chroma", _tiny_vae(latent_channels=1), FlowMatchEulerDiscreteScheduler())
+    call = dict(guidance_scale=4.0, height=16, width=16)
+    return pipe, _runner(pipe, PIXART_MASKS, torch.ones(1, 5, dtype=torch.bool), **call)
 
 
 def _sana():
-    torch.manual_seed(0)
     vae = AutoencoderDC(
         in_channels=3,
         latent_channels=4,
@@ -181,33 +131,10 @@ def _sana():
         decoder_act_fns="silu",
         scaling_factor=0.41407,
     )
-    pipe = SanaPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=vae.eval(),
-        transformer=tiny_model("sana"),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-    )
-    positive, negative = _text(0)
-    mask = torch.ones(1, 5)
-
-    def run(output_type: str = "latent") -> torch.Tensor:
-        return pipe(
-            negative_prompt=None,
-            prompt_embeds=positive,
-            prompt_attention_mask=mask,
-            negative_prompt_embeds=negative,
-            negative_prompt_attention_mask=mask,
-            guidance_scale=4.0,
-            num_inference_steps=STEPS,
-            height=32,  # SanaPipeline wants multiples of 32
-            width=32,
-            use_resolution_binning=False,
-            generator=torch.Generator().manual_seed(1),
-            output_type=output_type,
-        ).images
-
-    return pipe, run
+    pipe = _pipeline(SanaPipeline, "sana", vae, FlowMatchEulerDiscreteScheduler())
+    # SanaPipeline wants multiples of 32
+    call = dict(negative_prompt=None, guidance_scale=4.0, height=32, width=32, use_resolution_binning=False)
+    return pipe, _runner(pipe, PIXART_MASKS, torch.ones(1, 5), **call)
 
 
 PIPELINES = {"pixart": (_pixart, ["default"]), "qwenimage": (_qwenimage, ["cond", "uncond"])}
