@@ -198,6 +198,32 @@ def test_caching_reuses_and_counts_macs(pipeline, preset):
     assert torch.equal(run(), reference)
 
 
+@pytest.mark.filterwarnings("ignore:MixCache. no separate unconditional branch")
+def test_every_method_that_applies_runs_under_the_pipelines_cfg_layout(pipeline, tmp_path, monkeypatch):
+    """One preset per method through the real pipeline (batched, named or unnamed CFG forwards): every forward
+    is placed (steps x branches), MACs are counted and below the full ones, and removal restores the output."""
+    import importlib
+
+    name, pipe, run, branches, reference = pipeline
+    method_presets = importlib.import_module("tests.test_families_video").METHOD_PRESETS
+    presets = [p for p in method_presets if applies(ditcache.preset(p), pipe.transformer)]
+    methods = {type(ditcache.preset(p)).profile_method for p in presets} - {None}
+    write_tiny_profiles(tmp_path, pipe.transformer, (STEPS,), methods=sorted(methods))
+    monkeypatch.setenv(PROFILE_DIR_ENV, str(tmp_path))
+    for preset in presets:
+        handle = ditcache.apply(pipe, preset)
+        try:
+            cached = run()
+            stats = handle.stats().last
+        finally:
+            handle.remove()
+        assert torch.isfinite(cached).all(), preset
+        assert stats.steps == STEPS and stats.forwards == STEPS * len(branches), preset
+        assert {record.branch for record in handle.records()} == set(branches), preset
+        assert stats.macs_full > stats.macs_executed > 0, (preset, stats)
+    assert torch.equal(run(), reference)
+
+
 def test_decoded_images_match_with_caching_off(pipeline):
     name, pipe, run, branches, reference = pipeline
     images = run("pt")
