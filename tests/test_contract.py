@@ -179,8 +179,10 @@ def _capture_outputs(model: torch.nn.Module) -> tuple[list[torch.Tensor], Any]:
     return outputs, hook
 
 
-def _decisions(stats: Any) -> tuple[list, list]:
-    return list(stats.reused), list(stats.blocks_computed)
+def _decisions(stats: Any) -> tuple[list, list, list]:
+    # Tokens per block too: TokenCache's Eq. 12 shares its per-block token counts across the batch, so a row alone
+    # may update [2, 1] tokens where the batch updates [1, 2]: the same blocks computed per forward, other decisions.
+    return list(stats.reused), list(stats.blocks_computed), list(stats.block_tokens)
 
 
 @contextlib.contextmanager

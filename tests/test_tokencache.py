@@ -347,10 +347,10 @@ def test_profile_path_override(profile_dir, monkeypatch, tmp_path_factory):
     assert stats.token_fraction < 1.0 and Path(path).with_suffix(".safetensors").exists()
 
 
-@pytest.mark.parametrize(("per_row", "runs_per_block"), [(None, 1), (False, 1), (True, 2)])
-def test_flux_rows_share_tokens_by_default(profile_dir, per_row, runs_per_block):
-    """Flux's rotary table has no batch axis: per-row token sets run row by row, so by default the batch shares
-    the tokens of its row-averaged scores (one subset run per block)."""
+@pytest.mark.parametrize(("per_row", "runs_per_block"), [(None, 2), (False, 1), (True, 2)])
+def test_flux_rows_per_row_or_shared(profile_dir, per_row, runs_per_block):
+    """Flux's rotary table has no batch axis: per-row token sets (the default) run row by row; per_row=False
+    shares the tokens of the row-averaged scores (one subset run per block)."""
     spec = "tokencache:ratio=0.5" + ("" if per_row is None else f":per_row={per_row}")
     handle = ditcache.apply(_model("flux"), spec)
     try:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ..config import PolicyConfig
 from ..engine.calls import BlockCall, ForwardCall
 from ..policies.base import Policy
-from ..policies.tokencache import METHOD, row_tokens, run_cached_block, subset_capable, supports_full_context
+from ..policies.tokencache import METHOD, run_cached_block, subset_capable, supports_full_context
 from ..policies.tokencache_schedule import block_keep_counts, choose_tokens, istep_schedule
 from ..registry import register_policy
 from .profiles import Profile, ProfileMismatchError, find_profile, model_fingerprint
@@ -189,8 +189,7 @@ class TokenCacheTrainer(Policy):
             self._counts = dict(zip(self.cacheable, counts))
         if position in self.cacheable:
             with torch.no_grad():
-                per_row = row_tokens(call, None)
-                index = choose_tokens(self._scores[..., position], self._counts[position], per_row)
+                index = choose_tokens(self._scores[..., position], self._counts[position], per_row=True)
                 return run_cached_block(call, index, self.cache[position], self.full_context)[0]
         if self.lora is not None and position in self.lora.positions:
             with self.lora.applied(position, call.ref.module):
