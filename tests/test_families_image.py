@@ -8,7 +8,7 @@ in production. Lumina2 and HiDream are driven with their pipeline's call pattern
 Each pipeline runs CFG its own way, and the engine must place every forward right under each:
 - PixArt-Sigma and Sana batch [uncond; cond] into one forward per step, no cache context: one branch,
   "default".
-- Qwen-Image runs cond and uncond as two forwards inside `cache_context("cond")` / `("uncond")`.
+- Qwen-Image and Flux2-Klein run cond and uncond as two forwards inside `cache_context("cond")` / `("uncond")`.
 - Chroma and Lumina2 run cond then uncond as two forwards per step with no cache context: the second unnamed
   forward at a timestep is its own branch ("default-2"), so the two never share a cache; Lumina2's timestep
   grows during sampling (1 - t / 1000), declared by its adapter.
@@ -24,10 +24,12 @@ import torch
 from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     ChromaPipeline,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
     PixArtSigmaPipeline,
     QwenImagePipeline,
     SanaPipeline,
@@ -58,13 +60,13 @@ def _tiny_vae(latent_channels: int = 4) -> AutoencoderKL:
     ).eval()
 
 
-def _runner(pipe, mask_names: tuple[str, str], mask: torch.Tensor, **call):
+def _runner(pipe, mask_names: tuple[str, str] = (), mask: torch.Tensor | None = None, **call):
     """`run(output_type)`: one seeded `STEPS`-step call with fixed prompt / negative embeddings (+ masks, named
     as the pipeline names them) and the pipeline's own keywords."""
     g = torch.Generator().manual_seed(0)
     positive, negative = torch.randn(1, 5, 16, generator=g), torch.randn(1, 5, 16, generator=g)
     embeds = {"prompt_embeds": positive, "negative_prompt_embeds": negative}
-    embeds.update({mask_names[0]: mask, mask_names[1]: mask})
+    embeds.update({name: mask for name in mask_names})
 
     def run(output_type: str = "latent") -> torch.Tensor:
         generator = torch.Generator().manual_seed(1)
@@ -137,7 +139,21 @@ def _sana():
     return pipe, _runner(pipe, PIXART_MASKS, torch.ones(1, 5), **call)
 
 
+def _flux2():
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=1,  # the tiny transformer's 4 input channels = 1 channel packed 2x2
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+    pipe = _pipeline(Flux2KleinPipeline, "flux2", vae, FlowMatchEulerDiscreteScheduler())
+    return pipe, _runner(pipe, guidance_scale=4.0, height=16, width=16)  # not distilled: CFG, two forwards
+
+
 PIPELINES = {"pixart": (_pixart, ["default"]), "qwenimage": (_qwenimage, ["cond", "uncond"])}
+PIPELINES["flux2"] = (_flux2, ["cond", "uncond"])
 PIPELINES["sana"] = (_sana, ["default"])
 PIPELINES["chroma"] = (_chroma, ["default", "default-2"])
 
