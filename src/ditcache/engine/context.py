@@ -57,7 +57,9 @@ class StepTracker:
     def locate(self, timestep: float, shape: tuple[int, ...]) -> tuple[ForwardInfo, bool]:
         """Place one forward; returns its info and whether it started a new generation."""
         hinted_step = self.branch_hints.get("step_index")
-        branch = self.branch_name or (DEFAULT_BRANCH if hinted_step is not None else self._unnamed_branch(timestep))
+        branch = self.branch_name or (
+            DEFAULT_BRANCH if hinted_step is not None else self._unnamed_branch(timestep, shape)
+        )
         cursor = self._cursors.get(branch)
         new_generation = False
         if cursor is not None:
@@ -81,15 +83,16 @@ class StepTracker:
         info = ForwardInfo(self.generation, step, self._num_steps(), timestep, branch)
         return info, new_generation
 
-    def _unnamed_branch(self, timestep: float) -> str:
+    def _unnamed_branch(self, timestep: float, shape: tuple[int, ...]) -> str:
         """Pipelines that run CFG as two forwards per step without naming them (Chroma, Lumina2): the n-th
-        unnamed forward at one timestep is branch "default" (n = 1), "default-2", ...; so uncond never reads
-        cond's cache, and a repeated timestep is not mistaken for a new generation."""
+        unnamed forward at one timestep with the same latent shape is branch "default" (n = 1), "default-2", ...;
+        so uncond never reads cond's cache, and a repeated timestep is not mistaken for a new generation (a
+        latent of another shape at the same timestep still starts one)."""
         n = 1
         while True:
             name = DEFAULT_BRANCH if n == 1 else f"{DEFAULT_BRANCH}-{n}"
             cursor = self._cursors.get(name)
-            if cursor is None or not _same_timestep(cursor.last_timestep, timestep):
+            if cursor is None or not _same_timestep(cursor.last_timestep, timestep) or cursor.shape != shape:
                 return name
             n += 1
 
