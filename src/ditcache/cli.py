@@ -288,7 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     gen.add_argument("--policy", default="none", help="preset name; `ditcache presets` lists them (default none)")
     gen.add_argument("--samples", type=int, default=16, help="number of samples, classes cycled (default 16)")
-    gen.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    gen.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="CFG scale (default: the model's own, 4; ref-dit 1.5)",
+    )
     gen.add_argument("--cfg", default="separate", choices=("separate", "batched"), help="CFG as 2 forwards or 1")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default="samples.png", help="output file (.png grid; .gif for videos)")

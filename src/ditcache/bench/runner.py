@@ -70,7 +70,7 @@ class BenchConfig:
     samples: int = 16
     repeats: int = 3
     seed: int = 0
-    guidance: float = 4.0
+    guidance: float | None = None  # None: the reference model's default scale
     cfg_mode: str = "separate"  # "separate": cond and uncond forwards; "batched": one forward of both
     fewer_steps: tuple[int, ...] | None = None  # default: steps * (1/2, 1/3, 1/4, 1/5)
 

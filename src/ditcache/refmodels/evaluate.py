@@ -57,7 +57,7 @@ def reference_report(
     model_name: str,
     samples: int = 32,
     steps: tuple[int, ...] = (50, 25, 17, 10, 5),
-    guidance: float = 4.0,
+    guidance: float | None = None,
     seed: int = 0,
 ) -> dict:
     """Quality of a reference model at several step counts, each scored against its 50-step (first)

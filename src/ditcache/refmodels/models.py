@@ -39,6 +39,9 @@ class RefModelSpec:
     prediction: str = "flow"
     # The reference model whose data (and so whose shipped sample classifier) this one shares.
     data_of: str | None = None
+    # Default classifier-free guidance scale: 4 for the flow models; 1.5 for ref-dit, as DiT samples (a
+    # short-trained epsilon model over-saturates at higher scales).
+    guidance: float = 4.0
 
     @property
     def classifier_name(self) -> str:
@@ -112,6 +115,7 @@ REF_DIT = RefModelSpec(
     pooled_dim=0,
     prediction="epsilon",
     data_of="ref-image",
+    guidance=1.5,
 )
 
 REF_LATTE = RefModelSpec(

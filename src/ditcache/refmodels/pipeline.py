@@ -64,7 +64,7 @@ class RefPipeline:
         self,
         labels: torch.Tensor | list[int],
         num_inference_steps: int = 50,
-        guidance_scale: float = 4.0,
+        guidance_scale: float | None = None,
         seed: int = 0,
         cfg_mode: str = "separate",
         latents: torch.Tensor | None = None,
@@ -77,6 +77,7 @@ class RefPipeline:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         labels = torch.as_tensor(labels, dtype=torch.long)
         x = latents.clone() if latents is not None else self.initial_noise(len(labels), seed)
+        guidance_scale = self.spec.guidance if guidance_scale is None else guidance_scale
         use_cfg = guidance_scale != 1.0
         null = torch.full_like(labels, self.spec.null_class)
         self.scheduler.set_timesteps(num_inference_steps)
@@ -102,12 +103,15 @@ class RefPipeline:
                 trajectory.append(x.clone())
         return (x, trajectory) if return_trajectory else x
 
-    def calibration_run(self, num_steps: int, samples: int, seed: int = 1, guidance: float = 4.0) -> CalibrationRun:
+    def calibration_run(
+        self, num_steps: int, samples: int, seed: int = 1, guidance: float | None = None
+    ) -> CalibrationRun:
         """One calibration generation for `ditcache.calibrate`: `samples` labels cycling through the classes,
         CFG as separate cond / uncond forwards; returns the final sample in the transformer's input layout."""
         from ..calibration.record import CalibrationRun
 
         labels = torch.arange(samples) % self.spec.num_classes
+        guidance = self.spec.guidance if guidance is None else guidance
 
         def run() -> torch.Tensor:
             x = self(labels, num_inference_steps=num_steps, guidance_scale=guidance, seed=seed)
