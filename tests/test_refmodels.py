@@ -5,7 +5,7 @@ import torch
 
 import ditcache
 from ditcache.metrics.classifier import class_accuracy, load_classifier, real_samples
-from ditcache.refmodels import REF_IMAGE, REF_VIDEO, RefModel, RefPipeline
+from ditcache.refmodels import RefModel, RefPipeline, get_spec
 from ditcache.refmodels.data import CLASS_PHOTOS, sample_images, sample_videos
 from ditcache.refmodels.models import pack, unpack
 from ditcache.refmodels.train import train
@@ -59,10 +59,12 @@ def test_cfg_batched_equals_separate():
 EXPECTED = {
     "ref-image": (1552.8164, [1.1655937, 1.2531140, 1.0102333, 1.0081167]),
     "ref-video": (4397.0793, [-0.7837458, -0.6163016, -1.0161804, -1.6448050]),
+    "ref-dit": (1377.2587, [0.5541658, 0.6562832, 0.6392148, 0.6677015]),
+    "ref-latte": (8018.3903, [0.1797886, 0.5695481, -0.5676017, -1.0036688]),
 }
 
 
-@pytest.mark.parametrize("name", ["ref-image", "ref-video"])
+@pytest.mark.parametrize("name", ["ref-image", "ref-video", "ref-dit", "ref-latte"])
 def test_shipped_weights_sample_deterministically(name):
     pipe = RefPipeline.from_pretrained(name)
     a = pipe([0, 5], num_inference_steps=3, seed=7)
@@ -71,7 +73,7 @@ def test_shipped_weights_sample_deterministically(name):
     total, first = EXPECTED[name]
     assert float(a.double().sum()) == pytest.approx(total, abs=0.05)
     assert a.flatten()[:4].tolist() == pytest.approx(first, abs=1e-4)
-    spec = REF_IMAGE if name == "ref-image" else REF_VIDEO
+    spec = get_spec(name)
     assert a.shape == (2, *spec.sample_shape) and torch.isfinite(a).all()
     handle = ditcache.apply(pipe, "none")
     assert torch.equal(pipe([0, 5], num_inference_steps=3, seed=7), a)
@@ -147,7 +149,7 @@ def test_cli_reference_model_names_match_the_specs():
     from ditcache.cli import REF_MODELS
     from ditcache.refmodels import SPECS, get_spec
 
-    assert REF_MODELS == tuple(SPECS)
+    assert tuple(SPECS) == REF_MODELS
     assert get_spec("ref-dit").classifier_name == "ref-image" and get_spec("ref-latte").classifier_name == "ref-video"
 
 
