@@ -221,16 +221,18 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .refmodels import get_spec
     from .refmodels.evaluate import reference_report
 
     steps = tuple(int(n) for n in args.steps.split(","))
+    video = get_spec(args.model).is_video
     report = reference_report(args.model, samples=args.samples, steps=steps)
     print(f"{args.model}: {args.samples} samples, scored against the {steps[0]}-step samples of the same seeds")
     print(
         "| steps | class acc | FD | FD spectrum | PSNR vs first | SSIM vs first |"
-        + (" temporal |" if "video" in args.model else "")
+        + (" temporal |" if video else "")
     )
-    print("|---|---|---|---|---|---|" + ("---|" if "video" in args.model else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if video else ""))
     for key, row in report.items():
         cells = [
             f"{row['accuracy']:.3f}",
