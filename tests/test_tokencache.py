@@ -363,3 +363,16 @@ def test_flux_rows_per_row_or_shared(profile_dir, per_row, runs_per_block):
         subset_runs = [key for key in record.token_runs if isinstance(key[0], int)]
         cached_blocks = sum(0 < tokens < 64 for tokens in record.block_tokens)
         assert len(subset_runs) == runs_per_block * cached_blocks
+
+
+def test_cli_knows_the_calibration_and_the_bench_set():
+    from ditcache.bench.runner import DEFAULT_POLICIES
+    from ditcache.cli import build_parser
+
+    args = build_parser().parse_args(["calibrate", "tokencache", "--model", "ref-dit", "--steps", "50"])
+    assert (args.method, args.model, args.steps) == ("tokencache", "ref-dit", 50)
+    assert "tokencache" in DEFAULT_POLICIES
+    shipped = Path(ditcache.calibration.profiles.PROFILE_DIR)
+    for model in ("ref-image", "ref-video", "ref-dit"):
+        weights = shipped / f"tokencache-{model}-50.safetensors"
+        assert weights.exists() and weights.stat().st_size <= 2 * 1024 * 1024
