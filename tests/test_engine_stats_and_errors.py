@@ -38,7 +38,8 @@ def test_block_reuse_macs_keep_the_embedders(setup):
     blocks = handle.policy.model_view.block_names
     handle.remove()
     timestep = torch.ones(len(inputs["hidden_states"]))  # one per row: DiT-style blocks embed it themselves
-    cost = measure_costs(lambda: model(timestep=timestep, **inputs), model, blocks)
+    timestep_arg = handle.policy.adapter.timestep_arg  # HiDream calls it `timesteps`
+    cost = measure_costs(lambda: model(**{timestep_arg: timestep}, **inputs), model, blocks)
     skipped_forwards = stats.blocks_computed.count(0.0)
     assert skipped_forwards == 4  # steps 3 and 5, both branches
     assert stats.macs_executed == stats.macs_full - skipped_forwards * sum(cost.blocks)
