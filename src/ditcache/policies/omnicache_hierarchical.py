@@ -222,14 +222,19 @@ class OmniCacheHierarchicalPolicy(Policy):
 
     # ------------------------------------------------------------------ where it applies
     def cached_layers(self) -> list[BlockRef]:
-        """The blocks the token / frame / block caches apply to (the excluded first and last layers removed)."""
+        """The blocks the token / frame / block caches apply to: the excluded first and last layers and the block
+        lists the adapter rules out for token subsets (`no_token_subsets`) removed."""
         blocks = self.model_view.blocks
         interleaved = self.adapter.execution_order == "interleaved"
         layer_of = (lambda ref: ref.index) if interleaved else (lambda ref: ref.position)
         layers = 1 + max((layer_of(ref) for ref in blocks), default=-1)
         first = self.config.skip_first if self.config.skip_first is not None else default_skip(interleaved, layers)
         last = self.config.skip_last if self.config.skip_last is not None else default_skip(interleaved, layers)
-        return [ref for ref in blocks if first <= layer_of(ref) < layers - last]
+        return [
+            ref
+            for ref in blocks
+            if first <= layer_of(ref) < layers - last and not getattr(ref.spec, "no_token_subsets", "")
+        ]
 
     def bind(self, model_view: Any) -> None:
         super().bind(model_view)
