@@ -415,3 +415,48 @@ def test_run_rows_errors_are_clear():
     handle.remove()
     assert any("strictly increasing" in e for e in errors) and any("int64" in e for e in errors)
     assert any("rows must lie in" in e for e in errors) and any("base must hold" in e for e in errors)
+
+
+def test_residual_mode_refills_input_plus_the_previous_update():
+    """mode="residual": a skipped token leaves the layer as its current input plus the layer's update (output -
+    input) of the previous step; computed tokens are fresh."""
+    model = tiny_model("flux")
+    config = ditcache.OmniCacheHierarchicalConfig(token_ratio=0.5, groups=2, mode="residual", **ALL_LAYERS)
+    seen: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    step: dict[str, int | None] = {"i": 0}
+    hooks = []
+    for name, module in model.named_modules():
+        if name.count(".") == 1 and "blocks" in name:
+
+            def hook(module: Any, args: Any, kwargs: Any, output: Any, name: str = name) -> None:
+                if step["i"] is None:  # stats measuring MACs on subset shapes after the generation
+                    return
+                x = kwargs.get("hidden_states", args[0] if args else None)
+                out = output[1] if isinstance(output, tuple) else output
+                seen[(name, step["i"])] = (x.detach().clone(), out.detach().clone())
+
+            hooks.append(module.register_forward_hook(hook, with_kwargs=True))
+    inputs = tiny_inputs("flux", batch=2)
+    handle = ditcache.apply(model, config)
+    x = inputs["hidden_states"].clone()
+    cond = {k: v for k, v in inputs.items() if k != "hidden_states"}
+    sigmas = torch.linspace(1.0, 0.0, 5)
+    try:
+        with torch.no_grad(), handle.generation(num_steps=4):
+            for i in range(4):
+                step["i"] = i
+                v = model(hidden_states=x, timestep=torch.full((2,), float(sigmas[i])), return_dict=False, **cond)[0]
+                x = x + (sigmas[i + 1] - sigmas[i]) * v
+        step["i"] = None
+        tokens = handle.stats().last.block_tokens
+    finally:
+        handle.remove()
+        for h in hooks:
+            h.remove()
+    assert tokens == [64 + 3 * 32] * 4  # half the tokens skip every layer after step 0
+    for (name, i), (x_now, out_now) in seen.items():
+        if i == 0:
+            continue
+        x_prev, out_prev = seen[(name, i - 1)]
+        refilled = (out_now == x_now + (out_prev - x_prev)).all(dim=-1)  # (B, N)
+        assert refilled.sum(dim=1).tolist() == [32, 32], (name, i)

@@ -34,7 +34,8 @@ from .base import Policy
 from .omnicache_matching import Geometry, Match, bipartite_match, copy_to_sources, layout, merge_inputs
 
 METHOD = "omnicache-layered"
-MODES = ("refill", "merge")
+MODES = ("refill", "residual", "merge")
+REUSING_MODES = ("refill", "residual")  # skipped elements take something cached at the previous step
 GROUPS = (1, 2, 4, 8)
 PAPER_RATIOS = {"frame_ratio": 0.3, "block_ratio": 0.4, "token_ratio": 0.2}  # Latte, Sec. 4.2
 
@@ -71,8 +72,11 @@ class OmniCacheHierarchicalConfig(PolicyConfig):
             k: matching only inside k x k spatial groups of each frame (hierarchical patches), one of 1, 2, 4, 8;
             1 = flat matching over the whole frame. Must divide the token grid's height and width.
         mode (`str`, defaults to `"refill"`):
-            `"refill"` (the paper: skipped elements take the layer's output of the previous step) or `"merge"`
-            (ToMe-style ablation: destinations run on the mean of their matched sources, sources copy it).
+            `"refill"` (the paper: skipped elements take the layer's output of the previous step), `"residual"`
+            (skipped elements take their current input plus the layer's update of the previous step, output -
+            input, as TokenCache and block-level caches reuse: the stale part is the layer's change only, not the
+            token's whole state) or `"merge"` (ToMe-style ablation: destinations run on the mean of their matched
+            sources, sources copy it).
         skip_first (`int`, *optional*, defaults to `None`):
             Layers left uncached at the start (>= 0). A layer is a block index of each list for interleaved
             models (Latte: spatial i and temporal i), a block position otherwise. `None` = the paper's choice:
@@ -131,7 +135,7 @@ class OmniCacheHierarchicalConfig(PolicyConfig):
         for name in ("skip_first", "skip_last"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 0)
-        check_int("warmup_steps", self.warmup_steps, 1 if self.mode == "refill" else 0)
+        check_int("warmup_steps", self.warmup_steps, 1 if self.mode in REUSING_MODES else 0)
         if self.layered_speedup is not None:
             check_float("layered_speedup", self.layered_speedup, 1.05, 10.0)
         if self.profile is not None and not isinstance(self.profile, str):
@@ -199,7 +203,8 @@ def plan_block(
 
 @dataclasses.dataclass
 class HierarchicalState(BranchState):
-    outputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # position -> last token stream
+    # position -> the last token stream ("refill") or its last update, output - input ("residual")
+    outputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     residuals: dict[int, dict[str, torch.Tensor | None]] = dataclasses.field(default_factory=dict)  # layered
     grid: LatentGrid | None = None  # the running forward's token grid
 
@@ -283,13 +288,14 @@ class OmniCacheHierarchicalPolicy(Policy):
         if plan is None:
             return call.run()
         previous = state.outputs.get(position)
-        refill = config.mode == "refill"
-        if call.info.step < config.warmup_steps or (refill and (previous is None or previous.shape != x.shape)):
+        reuses = config.mode in REUSING_MODES
+        if call.info.step < config.warmup_steps or (reuses and (previous is None or previous.shape != x.shape)):
             output = call.run()
         else:
             output = self._cached_run(call, plan, previous)
-        if refill:
-            state.outputs[position] = call.forward.store(call.outputs_of(output)[name])
+        if reuses:  # the layer's output ("refill") or its update ("residual"), for the next step
+            fresh = call.outputs_of(output)[name]
+            state.outputs[position] = call.forward.store(fresh if config.mode == "refill" else fresh - x)
         return output
 
     def _cached_run(self, call: BlockCall, plan: BlockPlan, previous: torch.Tensor | None) -> Any:
@@ -310,6 +316,8 @@ class OmniCacheHierarchicalPolicy(Policy):
             index = token_match.kept(x.shape[1])
         if self.config.mode == "refill":
             return call.run_rows(rows, previous, index)
+        if self.config.mode == "residual":
+            return call.run_rows(rows, x + previous, index)
         return self._merge_run(call, plan, rows, index, row_match, token_match)
 
     def _merge_run(
