@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from ..adapters import BlockListSpec
+from ..adapters import BlockListSpec, ModelAdapter
 from .binding import BoundCall
 from .context import ForwardInfo
 from .stats import REUSED, ForwardRecord
@@ -92,6 +92,18 @@ class ForwardCall:
     @property
     def hidden_states(self) -> torch.Tensor:
         return self.arguments[self.engine.adapter.hidden_states_arg]
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        """The adapter of the model this forward belongs to."""
+        return self.engine.adapter
+
+    def count_extra_run(self, key: tuple, module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+        """Count a module the policy ran inside this forward besides the model's own blocks (a learned predictor,
+        extra attention work) in stats and MACs: `module(**kwargs)` is flop-counted once per `key` (name the
+        module and the shapes) when stats are asked for, and added to this forward's executed MACs."""
+        self.record.token_runs.append(key)
+        self.engine.remember_block_example(key, module, (), kwargs)
 
     def run(self, **replacements: Any) -> Any:
         """Compute this forward (blocks go through the policy's block hook when it has one), optionally with

@@ -360,9 +360,7 @@ def predict_scores(call: BlockCall, predictor: torch.nn.Module) -> torch.Tensor:
     token-subset block run (a flop-counted run of the predictor at that shape)."""
     arguments = dict(call.arguments)
     scores = predictor(**arguments)
-    key = ("tokencache-predictor", shape_key(arguments))
-    call.forward.record.token_runs.append(key)
-    call.forward.engine.remember_block_example(key, predictor, (), arguments)
+    call.forward.count_extra_run(("tokencache-predictor", shape_key(arguments)), predictor, arguments)
     return scores
 
 

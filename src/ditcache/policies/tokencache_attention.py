@@ -106,7 +106,7 @@ def attend_to_all_tokens(call: BlockCall, index: torch.Tensor) -> Iterator[None]
     """While a token-subset run of this block is inside, its self-attention takes the queries from the running
     tokens and the keys / values from every token (see the module); the extra work is counted in MACs."""
     block = call.ref.module
-    adapter = call.forward.engine.adapter
+    adapter = call.forward.adapter
     context = adapter.modulated_input(block, call.arguments)
     attention = block.attn1
     if adapter.name == "wan":
@@ -132,5 +132,4 @@ def attend_to_all_tokens(call: BlockCall, index: torch.Tensor) -> Iterator[None]
         "others": torch.empty(rows, others, context.shape[-1], dtype=context.dtype, device=context.device),
     }
     key = ("tokencache-context", call.ref.position, shape_key(example))
-    call.forward.record.token_runs.append(key)
-    call.forward.engine.remember_block_example(key, _ContextCost(attention), (), example)
+    call.forward.count_extra_run(key, _ContextCost(attention), example)
