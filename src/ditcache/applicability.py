@@ -39,9 +39,11 @@ def _declared(capability: str) -> Callable[[ModelAdapter], str]:
 REQUIREMENTS: dict[str, Callable[[ModelAdapter], str]] = {
     "modulated_input": lambda a: "" if a.modulated_input is not None else "the adapter has no modulated_input",
     "resized_forward": _declared("resized_forward"),
-    "submodule_hooks": lambda a: ""
-    if any(spec.attention or spec.mlp for spec in a.block_lists)
-    else "the adapter names no attention / MLP submodules",
+    "submodule_hooks": lambda a: (
+        ""
+        if any(spec.attention or spec.mlp for spec in a.block_lists)
+        else "the adapter names no attention / MLP submodules"
+    ),
     "token_subsets": _token_subsets,
     "batch_rows": _declared("batch_rows"),
 }

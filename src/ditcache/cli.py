@@ -228,10 +228,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     video = get_spec(args.model).is_video
     report = reference_report(args.model, samples=args.samples, steps=steps)
     print(f"{args.model}: {args.samples} samples, scored against the {steps[0]}-step samples of the same seeds")
-    print(
-        "| steps | class acc | FD | FD spectrum | PSNR vs first | SSIM vs first |"
-        + (" temporal |" if video else "")
-    )
+    print("| steps | class acc | FD | FD spectrum | PSNR vs first | SSIM vs first |" + (" temporal |" if video else ""))
     print("|---|---|---|---|---|---|" + ("---|" if video else ""))
     for key, row in report.items():
         cells = [

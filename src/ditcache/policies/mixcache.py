@@ -150,6 +150,7 @@ class MixCachePolicy(Policy):
     @classmethod
     def requirements(cls, config: MixCacheConfig) -> tuple[str, ...]:
         return ("batch_rows",) if config.batched_cfg != "none" else ()  # CFG steps compute the cond rows only
+
     couples_cfg_branches = True  # the CFG granularity predicts uncond as cond + cached difference
 
     def __init__(self, config: MixCacheConfig, adapter: Any) -> None:
