@@ -14,24 +14,27 @@ def video_inputs(batch: int, g: torch.Generator, size: int, frames: int) -> dict
     }
 
 
+# Wan's tiny layout; SkyReels-V2 (a Wan derivative) builds from the same kwargs.
+TINY_WAN_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=8,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=16,
+    ffn_dim=32,
+    num_layers=3,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+
 WAN = register_tiny(
     TinyFamily(
         name="wan",
         model_class=WanTransformer3DModel,
-        build=lambda: WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=4,
-            text_dim=16,
-            freq_dim=16,
-            ffn_dim=32,
-            num_layers=3,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32,
-        ),
+        build=lambda: WanTransformer3DModel(**TINY_WAN_CONFIG),
         inputs=video_inputs,
     )
 )
