@@ -376,3 +376,64 @@ def test_cli_knows_the_calibration_and_the_bench_set():
     for model in ("ref-image", "ref-video", "ref-dit"):
         weights = shipped / f"tokencache-{model}-50.safetensors"
         assert weights.exists() and weights.stat().st_size <= 2 * 1024 * 1024
+
+
+# ------------------------------------------------------------------------------------------------- dataset data
+def test_dataset_generation_feeds_noised_latents_and_trains():
+    from ditcache.calibration.dataset import flow_noise, noised_data_run
+    from ditcache.calibration.record import record
+    from ditcache.calibration.tokencache import TokenCacheRecordConfig
+
+    family = "dit"
+    model = _model(family)
+    inputs = tiny_inputs(family, batch=2)
+    latents = inputs.pop("hidden_states")
+    inputs.pop("timestep", None)
+    uncond = {**inputs, "class_labels": torch.zeros_like(inputs["class_labels"])}
+    timesteps = torch.linspace(900, 100, STEPS)
+    generation = noised_data_run(model, latents, timesteps, flow_noise, {"cond": inputs, "uncond": uncond}, seed=5)
+    recorder, _ = record(model, TokenCacheRecordConfig(), generation)
+    assert sorted(recorder.arguments) == [(b, s) for b in ("cond", "uncond") for s in range(STEPS)]
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5))
+    for step in (0, STEPS - 1):
+        sigma = float(timesteps[step]) / 1000
+        expected = (1 - sigma) * latents + sigma * noise  # x_t from the clean latents, the same noise draw
+        assert torch.allclose(recorder.arguments[("cond", step)]["hidden_states"], expected, atol=1e-6)
+        assert float(recorder.arguments[("uncond", step)]["timestep"][0]) == pytest.approx(float(timesteps[step]))
+    options = TrainOptions(iterations=30, lora_iterations=0, progress=False, seed=1)
+    profile = train_tokencache(model, generation, "tiny-dit", options)
+    assert profile.data["loss"]["predictor"]["last"] < profile.data["loss"]["predictor"]["first"]
+    assert profile.data["data"] == "dataset"
+
+
+def test_dataset_generation_rejects_bad_input():
+    from ditcache.calibration.dataset import flow_noise, noised_data_run
+
+    model = _model("dit")
+    with pytest.raises(ValueError, match="branches"):
+        noised_data_run(model, torch.zeros(1, 4, 8, 8), [500], flow_noise, {})
+    with pytest.raises(ValueError, match="timesteps"):
+        noised_data_run(model, torch.zeros(1, 4, 8, 8), [], flow_noise, {"cond": {}})
+
+
+def test_cli_dataset_option_is_for_reference_models(capsys):
+    from ditcache import cli
+
+    assert cli.main(["calibrate", "tokencache", "--pipeline", "x", "--data", "dataset"]) != 0
+    assert "--data dataset is for reference models" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["ref-dit", "ref-image"])
+def test_reference_dataset_generation_noises_the_training_data(name):
+    from ditcache.calibration.record import record
+    from ditcache.calibration.tokencache import TokenCacheRecordConfig
+    from ditcache.refmodels import RefPipeline
+
+    pipe = RefPipeline.from_pretrained(name)
+    generation = pipe.dataset_calibration_run(4, 2, seed=3)
+    recorder, clean = record(pipe.transformer, TokenCacheRecordConfig(), generation)
+    assert sorted(recorder.arguments) == [(b, s) for b in ("cond", "uncond") for s in range(4)]
+    first, last = (recorder.arguments[("cond", s)]["hidden_states"] for s in (0, 3))
+    # Step 0 is (almost) pure noise, the last step close to the clean training sample.
+    assert float((last - clean).pow(2).mean()) < 0.5 * float((first - clean).pow(2).mean())
+    assert generation.meta["data"] == "dataset" and generation.meta["guidance"] == pipe.spec.guidance

@@ -192,12 +192,18 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                 "--speedup is for reference models; a --pipeline profile lists the 2x and 3x schedules, and "
                 "OmniCacheHierarchicalConfig(layered_speedup=...) computes any other from the profile"
             )
+        if args.data != "samples":
+            raise ValueError(
+                "--data dataset is for reference models; for your own data build the generation in Python with "
+                "ditcache.calibration.dataset.noised_data_run (see docs/METHODS.md, TokenCache)"
+            )
         return _calibrate_pipeline(args)
     _reference_model(args)
     if args.guidance is not None:
         raise ValueError("--guidance needs --pipeline SPEC (reference models calibrate at their own scale)")
     pipe = RefPipeline.from_pretrained(args.model)
-    generation = pipe.calibration_run(args.steps, args.samples, seed=args.seed)
+    make_run = pipe.dataset_calibration_run if args.data == "dataset" else pipe.calibration_run
+    generation = make_run(args.steps, args.samples, seed=args.seed)
     profile = calibrate(
         pipe.transformer,
         args.method,
@@ -365,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--steps", type=int, default=50)
     cal.add_argument("--samples", type=int, default=8)
+    cal.add_argument(
+        "--data",
+        default="samples",
+        choices=("samples", "dataset"),
+        help="reference models: calibrate on the model's own samples (default) or on its training data noised "
+        "to every step (TokenCache's Algorithm 1)",
+    )
     cal.add_argument("--seed", type=int, default=1)
     cal.add_argument("--out", default=None, help="profile path (default: the package's shipped profiles)")
     cal.set_defaults(func=_cmd_calibrate)

@@ -119,6 +119,41 @@ class RefPipeline:
 
         return CalibrationRun(run, num_steps, guidance, {"samples": samples, "seed": seed, "guidance": guidance})
 
+    def dataset_calibration_run(
+        self, num_steps: int, samples: int, seed: int = 1, guidance: float | None = None
+    ) -> CalibrationRun:
+        """Like `calibration_run`, from the training data instead of the model's own samples (TokenCache's
+        Algorithm 1): `samples` data samples (classes cycled), one noise draw each, noised to every timestep
+        of the sampler (`ditcache.calibration.dataset.noised_data_run`)."""
+        from ..calibration.dataset import ddpm_noise, flow_noise, noised_data_run
+        from .train import data_for
+
+        generator = torch.Generator().manual_seed(seed)
+        labels = torch.arange(samples) % self.spec.num_classes
+        inputs = self.model.model_inputs(data_for(self.spec, labels, generator), labels)
+        latents = inputs.pop("hidden_states")
+        guidance = self.spec.guidance if guidance is None else guidance
+        branches = {"cond": inputs}
+        if guidance != 1.0:
+            null = torch.full_like(labels, self.spec.null_class)
+            uncond = self.model.model_inputs(torch.zeros(samples, *self.spec.sample_shape), null)
+            uncond.pop("hidden_states")
+            branches["uncond"] = uncond
+        self.scheduler.set_timesteps(num_steps)
+        epsilon = self.spec.prediction == "epsilon"
+        generation = noised_data_run(
+            self.transformer,
+            latents,
+            self.scheduler.timesteps.clone(),
+            ddpm_noise(self.scheduler) if epsilon else flow_noise,
+            branches,
+            timestep_scale=1 / 1000 if self.spec.family == "flux" else 1.0,
+            guidance=guidance,
+            seed=seed,
+        )
+        generation.meta.update({"guidance": guidance})
+        return generation
+
     def _predict(
         self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor, branch: tuple | None
     ) -> torch.Tensor:

@@ -38,10 +38,15 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 def draw_batch(spec: RefModelSpec, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.randint(0, spec.num_classes, (batch,), generator=generator)
+    return data_for(spec, labels, generator), labels
+
+
+def data_for(spec: RefModelSpec, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Training samples of `spec`'s data for these class labels, in pixels ([-1, 1], the model's sample shape)."""
     if spec.is_video:
         _, frames, h, _ = spec.sample_shape
-        return sample_videos(labels, frames=frames, size=h, generator=generator), labels
-    return sample_images(labels, size=spec.sample_shape[-1], generator=generator), labels
+        return sample_videos(labels, frames=frames, size=h, generator=generator)
+    return sample_images(labels, size=spec.sample_shape[-1], generator=generator)
 
 
 def flow_matching_loss(
