@@ -261,6 +261,36 @@ def test_lora_loads_on_apply_and_leaves_the_model_unchanged(profile_dir):
     assert torch.equal(_generate("dit"), reference)
 
 
+def test_lora_merged_inference_equals_the_hooked_delta_and_restores_parameters():
+    from ditcache.calibration.tokencache_predictor import LoRA
+
+    model = tiny_model("dit")  # its own copy: the test edits a weight in place
+    position = len(model.transformer_blocks) - 1
+    block = model.transformer_blocks[position]
+    lora = LoRA({position: block}, rank=4)
+    for adapter in lora.adapters.values():
+        torch.nn.init.normal_(adapter.up.weight, std=0.05)  # a non-zero delta
+    lora.eval()
+    linear = block.ff.net[2]
+    params = dict(block.named_parameters())
+    probe = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.enable_grad(), lora.applied(position, block):  # training path: forward hooks
+        hooked = linear(probe).detach()
+    with torch.no_grad(), lora.applied(position, block):  # inference path: a merged weight swapped in
+        assert linear.weight is not params["ff.net.2.weight"]
+        merged = linear(probe)
+    assert torch.allclose(hooked, merged, atol=1e-5)
+    assert not torch.allclose(merged, linear(probe), atol=1e-4)  # the delta mattered
+    assert dict(block.named_parameters()) == params  # the same Parameter objects are back
+    assert not any(m._forward_hooks for m in block.modules())
+    with torch.no_grad():
+        linear.weight.add_(1.0)  # an in-place edit of the base weight: the merged copy is rebuilt from it
+        with lora.applied(position, block):
+            again = linear(probe)
+        linear.weight.sub_(1.0)
+    assert torch.allclose(again, merged + probe.sum(-1, keepdim=True), atol=1e-4)
+
+
 def test_refiners_zero_caches_every_block(profile_dir):
     _, stats, policy = _run("dit", "tokencache:refiners=0:ratio=1")
     assert policy._setups[STEPS].lora is None

@@ -5,7 +5,8 @@
   token and block (sigmoid). Called once per P-step with block 0's inputs (embedded tokens, timestep / class /
   text conditioning as the model passes them).
 - `LoRA`: rank-r adapters for every `nn.Linear` of the refiner blocks (the last K), applied only inside
-  `applied(block)` through forward hooks that are removed on exit, so the model itself is never changed.
+  `applied(block)` (forward hooks when training, a swapped-in merged weight at inference), undone on exit, so
+  the model itself is never changed.
 - `TokenCacheProfile`: a `Profile` whose `save(path)` also writes the weights as safetensors next to the
   JSON (`<stem>.safetensors`, never pickle); `load_tensors(profile, path)` reads them back.
 """
@@ -77,6 +78,16 @@ class LoRALinear(torch.nn.Module):
         return self.up(self.down(x.to(self.down.weight.dtype))) * self.scale
 
 
+@dataclasses.dataclass
+class _Merged:
+    """One adapted Linear's merged weight W + scale x up @ down, valid while W is the same unchanged tensor."""
+
+    module: torch.nn.Linear
+    source: torch.Tensor  # the Parameter it was merged from
+    version: int  # source._version when merged (in-place edits bump it)
+    weight: torch.nn.Parameter
+
+
 class LoRA(torch.nn.Module):
     """LoRA adapters for every `nn.Linear` of some blocks, keyed "<block position>.<module name>"."""
 
@@ -88,28 +99,64 @@ class LoRA(torch.nn.Module):
             for name, module in block.named_modules():
                 if isinstance(module, torch.nn.Linear):
                     self.adapters[_key(position, name)] = LoRALinear(module, rank)
+        self._merged: dict[int, list[_Merged]] = {}
 
     @property
     def positions(self) -> set[int]:
         return {int(key.split("|")[0]) for key in self.adapters}
 
+    def _adapted(self, position: int, block: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, LoRALinear]]:
+        for name, module in block.named_modules():
+            key = _key(position, name)
+            if key in self.adapters:
+                yield module, self.adapters[key]
+
     @contextlib.contextmanager
     def applied(self, position: int, block: torch.nn.Module) -> Iterator[None]:
-        """While inside, every adapted `nn.Linear` of `block` adds its LoRA delta (forward hooks, removed on
-        exit: the block is exactly as before afterwards)."""
+        """While inside, every adapted `nn.Linear` of `block` adds its LoRA delta; on exit the block is exactly as
+        before. Training (gradients wanted): forward hooks adding up(down(x)). Inference: the Linear's weight
+        Parameter is swapped for a merged copy W + scale x up @ down (made once per base weight version) and
+        the original Parameter object is put back; one GEMM per Linear instead of three, which is what keeps
+        the refiners' LoRA from eating TokenCache's gain."""
+        if self.training or torch.is_grad_enabled():
+            with self._hooked(position, block):
+                yield
+            return
+        merged = self._merged_weights(position, block)
+        originals = [entry.module._parameters["weight"] for entry in merged]
+        try:
+            for entry in merged:
+                entry.module._parameters["weight"] = entry.weight
+            yield
+        finally:
+            for entry, original in zip(merged, originals):
+                entry.module._parameters["weight"] = original
+
+    @contextlib.contextmanager
+    def _hooked(self, position: int, block: torch.nn.Module) -> Iterator[None]:
         handles = []
         try:
-            for name, module in block.named_modules():
-                key = _key(position, name)
-                if key in self.adapters:
-                    adapter = self.adapters[key]
-                    handles.append(
-                        module.register_forward_hook(lambda mod, args, out, a=adapter: out + a(args[0]).to(out.dtype))
-                    )
+            for module, adapter in self._adapted(position, block):
+                handles.append(
+                    module.register_forward_hook(lambda mod, args, out, a=adapter: out + a(args[0]).to(out.dtype))
+                )
             yield
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _merged_weights(self, position: int, block: torch.nn.Module) -> list[_Merged]:
+        cached = self._merged.get(position)
+        if cached is not None and all(e.module.weight is e.source and e.source._version == e.version for e in cached):
+            return cached
+        merged = []
+        for module, adapter in self._adapted(position, block):
+            weight = module.weight
+            delta = (adapter.up.weight.float() @ adapter.down.weight.float()) * adapter.scale
+            value = (weight.detach().float() + delta.to(weight.device)).to(weight.dtype)
+            merged.append(_Merged(module, weight, weight._version, torch.nn.Parameter(value, requires_grad=False)))
+        self._merged[position] = merged
+        return merged
 
 
 def _key(position: int, name: str) -> str:
