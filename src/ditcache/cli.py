@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .cli_compare import add_compare_parser
 from .cli_pipeline import (
     _bench_pipeline,
     _calibrate_pipeline,
@@ -132,7 +133,8 @@ def _cmd_train_ref(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, markdown_table, run_bench, write_files
+    from .bench import BenchConfig, run_bench, write_files
+    from .bench.report import report_markdown
     from .bench.runner import DEFAULT_POLICIES
 
     policies = split_policies(args.policies) if args.policies is not None else DEFAULT_POLICIES
@@ -153,7 +155,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
     result = run_bench(config)
     print(f"machine: {result.machine}")
-    print(markdown_table(result))
+    print(report_markdown(result))
     for path in write_files(result, args.out):
         print(f"wrote {path}")
     return 0
@@ -408,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", default="50,25,17,10,5", help="comma-separated; the first is the reference")
     ev.set_defaults(func=_cmd_evaluate)
 
+    add_compare_parser(sub, REF_MODELS)
     sub.add_parser("presets", help="list policy presets").set_defaults(func=_cmd_presets)
     sub.add_parser("models", help="list supported model classes and reference models").set_defaults(func=_cmd_models)
     return parser

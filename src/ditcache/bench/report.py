@@ -1,4 +1,9 @@
-"""Benchmark output: markdown table, CSV and JSON files, and a Pareto plot (speedup vs PSNR)."""
+"""Benchmark output: markdown table, CSV and JSON files, the frontier report, and the plots (Pareto + frontiers).
+
+Overhead is shown per row: `efficiency` (wall speedup / MACs speedup, 1.0 = overhead-free), `decide/wall` (the
+engine's measured decision time, host syncs and trial bookkeeping included, as a share of the row's wall time)
+and, in the notes, the trial forwards a method ran and their approximate share of the MACs it spent.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+from . import frontier
 from .runner import BenchConfig, BenchResult, Row
 
 COLUMNS = (
@@ -16,6 +22,7 @@ COLUMNS = (
     ("speedup", "wall speedup", "{:.2f}x"),
     ("macs_speedup", "MACs speedup", "{:.2f}x"),
     ("efficiency", "efficiency", "{:.2f}"),
+    ("decide_share", "decide/wall", "{:.1%}"),
     ("psnr", "PSNR dB", "{:.2f}"),
     ("ssim", "SSIM", "{:.3f}"),
     ("accuracy", "class acc", "{:.3f}"),
@@ -32,15 +39,47 @@ def _fmt(fmt: str, value: object) -> str:
     return fmt.format(value)
 
 
+def decide_share(row: Row) -> float:
+    """The engine's decision time per generation over the row's median wall time (NaN: not a ditcache row)."""
+    seconds = row.extra.get("decide_seconds")
+    return seconds / row.seconds if seconds is not None and row.seconds > 0 else math.nan
+
+
+def trial_macs_share(row: Row) -> float:
+    """Share of the executed MACs spent on trial forwards, priced at the mean full forward (exact when every
+    forward has the same shape, as on the reference models); NaN without trial statistics."""
+    extra = row.extra
+    if not extra.get("macs_executed") or "trial_forwards" not in extra:
+        return math.nan
+    per_forward = extra["macs_full"] / max(1, extra["forwards"])
+    return extra["trial_forwards"] * per_forward / extra["macs_executed"]
+
+
+_DERIVED = {"decide_share": decide_share}
+
+
+def _cell(row: Row, key: str, fmt: str) -> str:
+    return _fmt(fmt, _DERIVED[key](row) if key in _DERIVED else getattr(row, key))
+
+
 def markdown_table(result: BenchResult) -> str:
     columns = list(COLUMNS)
     if any(not math.isnan(r.temporal) for r in result.rows):
         columns.append(("temporal", "temporal", "{:.3f}"))
     lines = ["| " + " | ".join(h for _, h, _ in columns) + " | notes |", "|" + "---|" * (len(columns) + 1)]
     for row in result.rows:
-        cells = [_fmt(fmt, getattr(row, key)) for key, _, fmt in columns]
+        cells = [_cell(row, key, fmt) for key, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + f" | {_notes(row)} |")
     return "\n".join(lines)
+
+
+def frontier_report(result: BenchResult) -> frontier.Frontier:
+    return frontier.frontier(result.rows, result.config.steps)
+
+
+def report_markdown(result: BenchResult) -> str:
+    """The rows table, then the frontier at 1.5x / 2x / 3x MACs."""
+    return f"{markdown_table(result)}\n\nFrontier (MACs speed classes):\n\n{frontier.markdown(frontier_report(result))}"
 
 
 def _notes(row: Row) -> str:
@@ -49,10 +88,12 @@ def _notes(row: Row) -> str:
     extra = row.extra
     if "reused_forwards" in extra:
         partial = extra.get("partial_batch_forwards", 0)
+        trials = extra.get("trial_forwards", 0)
         return (
             f"{extra['reused_forwards']}/{extra['forwards']} forwards reused, "
             + (f"{partial} on part of the batch, " if partial else "")
             + f"{extra['blocks_per_forward']:.1f}/{extra['blocks_total']} blocks/forward"
+            + (f", {trials} trial forwards (≈{trial_macs_share(row):.0%} of its MACs)" if trials else "")
         )
     if "cached_steps" in extra:
         return f"{extra['cached_steps']} cached steps"
@@ -70,7 +111,7 @@ def write_files(result: BenchResult, out_dir: str | Path) -> list[Path]:
         writer.writeheader()
         for row in result.rows:
             writer.writerow({k: getattr(row, k) for k in fields})
-    md_path.write_text(f"machine: {result.machine}\n\n{markdown_table(result)}\n")
+    md_path.write_text(f"machine: {result.machine}\n\n{report_markdown(result)}\n")
     pareto_plot(result, png_path)
     return [json_path, csv_path, md_path, png_path]
 
@@ -85,6 +126,7 @@ def to_dict(result: BenchResult) -> dict:
         "machine": result.machine,
         # NaN / inf stay as Python's json writes them (NaN, Infinity), so the file round-trips exactly.
         "rows": [dataclasses.asdict(r) for r in result.rows],
+        "frontier": frontier_report(result).to_dict(),  # derived from the rows; `from_dict` ignores it
     }
 
 
@@ -110,12 +152,14 @@ def load(path: str | Path) -> BenchResult:
 
 
 def pareto_plot(result: BenchResult, path: str | Path) -> Path:
+    """Left: every row, wall-clock speedup vs PSNR. Right: the three frontiers (ditcache, peers, fewer steps),
+    PSNR vs MACs speedup, with the speed classes' floors dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(13, 4.5), dpi=110)
     ok = [r for r in result.rows if r.status == "ok" and r.kind != "baseline" and math.isfinite(r.psnr)]
     fewer = sorted((r for r in ok if r.kind == "fewer-steps"), key=lambda r: r.speedup)
     if fewer:
@@ -134,6 +178,7 @@ def pareto_plot(result: BenchResult, path: str | Path) -> Path:
     ax.set_title(f"{result.config.model}, {result.config.steps} steps: speed vs fidelity")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    frontier.plot(frontier_report(result), right, f"{result.config.model}: frontiers (upper envelopes)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

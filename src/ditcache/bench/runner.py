@@ -126,19 +126,21 @@ def _run_bench(config: BenchConfig, pipe: Any, progress: bool) -> BenchResult:
 
     pipe = pipe if pipe is not None else RefPipeline.from_pretrained(config.model)
     labels = balanced_labels(config.samples, pipe.spec.num_classes)
-
-    def run_for(steps: int) -> Callable[[], Any]:
-        return lambda: pipe(
-            labels,
-            num_inference_steps=steps,
-            guidance_scale=config.guidance,
-            seed=config.seed,
-            cfg_mode=config.cfg_mode,
-        )
-
+    run_for = reference_runs(pipe, labels, config.guidance, config.seed, config.cfg_mode)
     return run_variants(
         config, pipe, run_for, lambda out, ref: score(config.model, out, labels, ref), progress=progress
     )
+
+
+def reference_runs(
+    pipe: Any, labels: torch.Tensor, guidance: float | None, seed: int, cfg_mode: str
+) -> Callable[[int], Callable[[], Any]]:
+    """`run_for(steps)`: one generation of a reference pipeline with these labels, scale, seed and CFG mode."""
+
+    def run_for(steps: int) -> Callable[[], Any]:
+        return lambda: pipe(labels, num_inference_steps=steps, guidance_scale=guidance, seed=seed, cfg_mode=cfg_mode)
+
+    return run_for
 
 
 def run_variants(

@@ -58,6 +58,10 @@ def ditcache_policy(name: str, steps: int) -> Variant:
                 "blocks_per_forward": sum(g.blocks_computed) / max(1, g.forwards),
                 "blocks_total": g.blocks_total,
                 "stats_macs_speedup": g.macs_speedup,
+                "trial_forwards": g.trial_forwards,
+                "decide_seconds": g.decide_seconds,
+                "macs_full": g.macs_full,
+                "macs_executed": g.macs_executed,
             }
 
         return detach
