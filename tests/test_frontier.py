@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ditcache.bench import BenchConfig, BenchResult, Row, load, write_files
+from ditcache.bench import BenchConfig, BenchResult, Row, load, rerender, write_files
 from ditcache.bench.frontier import Point, fewer_steps_at, frontier, markdown, upper_envelope
 from ditcache.bench.report import decide_share, markdown_table, report_markdown, trial_macs_share
 from ditcache.bench.runner import reference_runs
@@ -135,6 +135,9 @@ def test_frontier_in_markdown_json_and_plot(tmp_path):
     assert [r.label for r in load(tmp_path / "bench.json").rows] == [r.label for r in result.rows]
     png = next(p for p in paths if p.suffix == ".png")
     assert png.stat().st_size > 0
+    # Re-rendered from the saved JSON alone: the same report.
+    assert rerender.main([str(tmp_path / "bench.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "bench.md").read_text() == (tmp_path / "bench.md").read_text()
 
 
 def test_equal_macs_steps_rounds_and_bounds():

@@ -163,12 +163,13 @@ def _pick(point: Point | None) -> str:
     return f"{point.label} ({point.macs_speedup:.2f}x{efficiency})"
 
 
-def _fewer(fewer: FewerSteps | None) -> str:
+def _fewer(fewer: FewerSteps | None, steps: int) -> str:
     if fewer is None:
         return "–"
     if not fewer.interpolated:
         return f"{fewer.low.label} ({fewer.macs_speedup:.2f}x)"
-    return f"{fewer.steps:.1f} steps at {fewer.macs_speedup:.2f}x (interpolated {fewer.low.label} – {fewer.high.label})"
+    around = f"{round(steps / fewer.low.macs_speedup)} / {round(steps / fewer.high.macs_speedup)}"
+    return f"{fewer.steps:.1f} steps at {fewer.macs_speedup:.2f}x (interpolated, {around} steps)"
 
 
 def _db(value: float, signed: bool = False) -> str:
@@ -187,7 +188,7 @@ def markdown(report: Frontier) -> str:
     for c in report.classes:
         psnrs = [p.psnr if p else math.nan for p in (c.ditcache, c.peer, c.fewer)]
         cells = [f">= {c.speed - c.tolerance:.2f}x ({c.speed:g}x)", _pick(c.ditcache), _db(psnrs[0])]
-        cells += [_pick(c.peer), _db(psnrs[1]), _fewer(c.fewer), _db(psnrs[2])]
+        cells += [_pick(c.peer), _db(psnrs[1]), _fewer(c.fewer, report.steps), _db(psnrs[2])]
         cells += [_db(c.vs_peer, signed=True), _db(c.vs_fewer, signed=True)]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
