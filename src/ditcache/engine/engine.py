@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -17,8 +18,9 @@ from .calls import BlockCall, BlockRef, ForwardCall, SubmoduleCall, SubmoduleRef
 from .context import StepTracker
 from .hooks import AttributeOverride, ForwardHook
 from .macs import CostTable, measure_costs
+from .session import Session, SessionPool
 from .state import BranchState
-from .stats import REUSED, ForwardRecord, GenerationStats, Stats, tensor_bytes
+from .stats import REUSED, ForwardRecord, GenerationStats, RecordLog, Stats, tensor_bytes
 from .view import ModelView
 
 if TYPE_CHECKING:
@@ -37,25 +39,24 @@ def _timestep_value(timestep: Any) -> float:
 
 class Engine:
     def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, policy: Policy, scheduler: Any = None) -> None:
-        self.model, self.adapter, self.policy = model, adapter, policy
-        self.tracker = StepTracker(scheduler, descending=not adapter.timesteps_increase)
+        # `policy` is the first session's; other threads get their own instance (`engine/session.py`).
+        self.model, self.adapter, self.policy, self.scheduler = model, adapter, policy, scheduler
         self.blocks = self._find_blocks()
         self.submodules = self._find_submodules()
         self.hooks_blocks = policy.uses_block_hooks
-        self._states: dict[str, Any] = {}
-        self._active_generation: int | None = None
-        self._records: list[ForwardRecord] = []
+        self._generation_ids = itertools.count(1).__next__  # shared: generations of all threads differ
+        self._lock = threading.RLock()  # guards the records and the MACs tables
+        self._log = RecordLog()
         self._examples: dict[tuple, dict[str, Any]] = {}
         self._costs: dict[tuple, CostTable] = {}
         self._block_examples: dict[tuple, tuple[torch.nn.Module, tuple, dict]] = {}
         self._block_costs: dict[tuple, int] = {}
-        self._bypass = 0
-        self._current: ForwardCall | None = None
         self._hooks: list[ForwardHook] = []
         self._overrides: list[AttributeOverride] = []
         self.removed = False
         self.view = ModelView(model, adapter, tuple(self.blocks), tuple(self.submodules))
         policy.bind(self.view)
+        self._sessions = SessionPool(self._new_session, policy)
 
     # ----------------------------------------------------------------- install / remove
     def _find_blocks(self) -> list[BlockRef]:
@@ -118,13 +119,31 @@ class Engine:
             override.remove()
         self._hooks.clear()
         self._overrides.clear()
-        self._states.clear()
+        for session in self._sessions.all():
+            session.states.clear()
         self.removed = True
 
-    # ----------------------------------------------------------------- context
+    # ----------------------------------------------------------------- sessions and context
+    def _new_session(self, policy: Policy | None) -> Session:
+        if policy is None:
+            # Another thread: a policy of its own, made as `apply` made the first one.
+            policy = type(self.policy)(self.policy.config, self.adapter)
+            policy.bind(self.view)
+        tracker = StepTracker(self.scheduler, not self.adapter.timesteps_increase, self._generation_ids)
+        return Session(tracker, policy)
+
+    def session(self) -> Session:
+        """The calling thread's session (made on first use)."""
+        return self._sessions.current()
+
+    def session_policy(self) -> Policy:
+        """The policy of the calling thread's session, or the first one when this thread has none yet."""
+        session = self._sessions.existing()
+        return session.policy if session is not None else self.policy
+
     @contextlib.contextmanager
     def branch(self, name: str, **hints: Any) -> Iterator[None]:
-        tracker = self.tracker
+        tracker = self.session().tracker
         saved = tracker.branch_name, tracker.branch_hints
         tracker.branch_name, tracker.branch_hints = name, {k: v for k, v in hints.items() if v is not None}
         try:
@@ -133,84 +152,97 @@ class Engine:
             tracker.branch_name, tracker.branch_hints = saved
 
     def reset(self, num_steps: int | None = None) -> None:
-        self.tracker.start_generation(num_steps)
-        self._begin_generation(self.tracker.generation)
+        """A new generation in the calling thread (other threads' generations go on untouched)."""
+        session = self.session()
+        session.tracker.start_generation(num_steps)
+        self._begin_generation(session, session.tracker.generation)
 
-    def _begin_generation(self, generation: int) -> None:
-        self._states.clear()
-        self.policy.reset()
-        self._active_generation = generation
+    @staticmethod
+    def _begin_generation(session: Session, generation: int | None) -> None:
+        session.states.clear()
+        session.policy.reset()
+        session.active_generation = generation
 
     @contextlib.contextmanager
     def bypassed(self) -> Iterator[None]:
-        self._bypass += 1
+        session = self.session()
+        session.bypass += 1
         try:
             yield
         finally:
-            self._bypass -= 1
+            session.bypass -= 1
 
-    def _new_state(self) -> BranchState:
-        state = self.policy.new_branch_state()
+    def _new_state(self, policy: Policy) -> BranchState:
+        state = policy.new_branch_state()
         if not isinstance(state, BranchState):
             raise TypeError(
-                f"{type(self.policy).__name__}.new_branch_state() must return a ditcache.BranchState dataclass, "
+                f"{type(policy).__name__}.new_branch_state() must return a ditcache.BranchState dataclass, "
                 f"got {type(state).__name__}"
             )
         return state
 
     def remember_example(self, key: tuple, arguments: dict[str, Any]) -> None:
-        if key not in self._examples and key not in self._costs:
-            self._examples[key] = {**arguments, "return_dict": False}
+        with self._lock:
+            if key not in self._examples and key not in self._costs:
+                self._examples[key] = {**arguments, "return_dict": False}
 
     def remember_block_example(self, key: tuple, block: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """A block call at a token-subset shape, measured lazily when stats are asked for."""
-        if key not in self._block_examples and key not in self._block_costs:
-            self._block_examples[key] = (block, args, kwargs)
+        with self._lock:
+            if key not in self._block_examples and key not in self._block_costs:
+                self._block_examples[key] = (block, args, kwargs)
 
     # ----------------------------------------------------------------- hooks
     def _model_forward(self, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-        if self._bypass or self._current is not None:
+        session = self.session()
+        if session.bypass or session.current is not None:
             return original(*args, **kwargs)
         bound = BoundCall(type(self.model), args, kwargs)
         arguments = bound.passed
-        hidden_states = arguments[self.adapter.hidden_states_arg]
         timestep = _timestep_value(arguments.get(self.adapter.timestep_arg))
-        info, _ = self.tracker.locate(timestep, tuple(hidden_states.shape))
-        if info.generation != self._active_generation:
-            self._begin_generation(info.generation)
-        state = self._states.get(info.branch)
+        info, _ = session.tracker.locate(timestep, session.layout.layout(self.adapter, arguments))
+        if info.generation != session.active_generation:
+            self._begin_generation(session, info.generation)
+        state = session.states.get(info.branch)
         if state is None:
-            state = self._states[info.branch] = self._new_state()
+            state = session.states[info.branch] = self._new_state(session.policy)
         key = shape_key(arguments)
         self.remember_example(key, arguments)
         record = ForwardRecord(info.generation, info.step, info.branch, key, len(self.blocks))
         call = ForwardCall(self, original, bound, info, state, record)
-        self._current = call
+        session.current = call
         start = time.perf_counter()
         try:
-            output = self.policy.forward(call)
+            output = session.policy.forward(call)
+        except BaseException:
+            # Half-updated state is never reused; retrying the step places it where it was.
+            state.reset()
+            session.tracker.undo()
+            raise
         finally:
-            self._current = None
+            session.current = None
         if not call.finish(output):
             # Never replay NaN / inf: the branch starts over as if new; the policy drops shared state too.
             record.nonfinite = True
             state.reset()
-            self.policy.on_nonfinite(call)
+            session.policy.on_nonfinite(call)
         record.decide_seconds = max(0.0, time.perf_counter() - start - record.compute_seconds)
-        self._records.append(record)
+        self._log.append(record)
         return output
 
     def _block_forward(self, ref: BlockRef, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-        call = self._current
-        if call is None or self._bypass:
+        session = self.session()
+        call = session.current
+        if call is None or session.bypass:
             return original(*args, **kwargs)
-        return self.policy.block(BlockCall(call, ref, original, args, kwargs))
+        return session.policy.block(BlockCall(call, ref, original, args, kwargs))
 
     def _submodule_forward(self, ref: SubmoduleRef, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-        call = self._current
-        if call is None or self._bypass:
+        session = self.session()
+        call = session.current
+        if call is None or session.bypass:
             return original(*args, **kwargs)
-        return self.policy.submodule(SubmoduleCall(call, ref, original, args, kwargs))
+        return session.policy.submodule(SubmoduleCall(call, ref, original, args, kwargs))
 
     # ----------------------------------------------------------------- stats
     def _cost(self, key: tuple) -> CostTable:
@@ -232,24 +264,38 @@ class Engine:
                 self._block_costs[key] = measure_costs(lambda: block(*args, **kwargs), block, []).total
         return self._block_costs[key]
 
+    @property
+    def record_log(self) -> RecordLog:
+        """The per-forward records kept (the most recent generations, `RecordLog.limit`)."""
+        return self._log
+
     def records(self) -> list[ForwardRecord]:
-        return list(self._records)
+        return self._log.records()
 
     def branch_state(self, branch: str) -> BranchState:
-        if branch not in self._states:
-            raise KeyError(f"no state for branch {branch!r} in this generation; branches: {sorted(self._states)}")
-        return self._states[branch]
+        states = self.session().states
+        if branch not in states:
+            raise KeyError(f"no state for branch {branch!r} in this generation; branches: {sorted(states)}")
+        return states[branch]
 
     def clear_records(self) -> None:
-        self._records.clear()
+        self._log.clear()
 
     def stats(self) -> Stats:
-        by_generation: dict[int, list[ForwardRecord]] = {}
-        for record in self._records:
-            by_generation.setdefault(record.generation, []).append(record)
-        generations = [self._generation_stats(g, records) for g, records in by_generation.items()]
-        cache_bytes = tensor_bytes(self._states) + tensor_bytes(self.policy.cached_tensors())
-        return Stats(policy=self.policy.describe(), generations=generations, cache_bytes=cache_bytes)
+        with self._lock:  # MACs tables are filled here; threads may ask at once
+            by_generation = self._log.by_generation()
+            generations = [self._generation_stats(g, records) for g, records in by_generation.items()]
+        cache_bytes = sum(
+            tensor_bytes(session.states) + tensor_bytes(session.policy.cached_tensors())
+            for session in self._sessions.all()
+        )
+        return Stats(
+            policy=self.policy.describe(),
+            generations=generations,
+            cache_bytes=cache_bytes,
+            dropped_generations=self._log.dropped_generations,
+            dropped_forwards=self._log.dropped_forwards,
+        )
 
     def _executed_macs(self, record: ForwardRecord) -> int:
         """Outside-blocks cost per pass, full block runs from the forward's table, token-subset runs from a

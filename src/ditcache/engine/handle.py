@@ -30,8 +30,20 @@ class CacheHandle:
 
     @property
     def policy(self) -> Policy:
-        """The policy instance driving this model (its traces and controllers are public for analysis)."""
-        return self._engine.policy
+        """The policy instance driving this model in the calling thread (its traces and controllers are public
+        for analysis); the one `apply` made when this thread has not run the model. Each thread that runs the
+        model gets its own instance (docs/PRODUCTION.md)."""
+        return self._engine.session_policy()
+
+    @property
+    def recorded_generations(self) -> int:
+        """How many of the most recent generations keep their per-forward records (default 16); older ones are
+        dropped, and `stats()` says how many (`dropped_generations`, `dropped_forwards`)."""
+        return self._engine.record_log.limit
+
+    @recorded_generations.setter
+    def recorded_generations(self, limit: int) -> None:
+        self._engine.record_log.set_limit(limit)
 
     @property
     def active(self) -> bool:
@@ -42,26 +54,29 @@ class CacheHandle:
         self._engine.remove()
 
     def reset(self) -> None:
-        """Forget all cached tensors and statistics; the next forward starts a new generation."""
+        """Forget the calling thread's cached tensors and all statistics; this thread's next forward starts a new
+        generation (other threads' generations go on; each new generation starts clean anyway)."""
         self._require_active("reset")
         self._engine.reset()
         self._engine.clear_records()
 
     def stats(self) -> Stats:
-        """Statistics of every generation since apply/reset (MACs are measured lazily, here)."""
+        """Statistics of the recorded generations since apply/reset, all threads (MACs are measured lazily,
+        here); generations older than `recorded_generations` are dropped and counted."""
         return self._engine.stats()
 
     def records(self) -> list[ForwardRecord]:
-        """Per-forward records since apply/reset (what stats are computed from), oldest first; a copy."""
+        """Per-forward records of the recorded generations (what stats are computed from), oldest first; a copy."""
         return self._engine.records()
 
     def branch_state(self, branch: str) -> BranchState:
-        """The policy's state of one branch ("cond", "uncond" or "default") in the current generation."""
+        """The policy's state of one branch ("cond", "uncond" or "default") in the calling thread's generation."""
         return self._engine.branch_state(branch)
 
     @contextlib.contextmanager
     def generation(self, num_steps: int | None = None) -> Iterator[CacheHandle]:
-        """Explicit generation scope for hand-written sampling loops: starts from clean state."""
+        """Explicit generation scope for hand-written sampling loops: starts from clean state (in the calling
+        thread: run the loop in the thread that opens the scope)."""
         self._require_active("generation")
         if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1):
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
@@ -139,6 +154,8 @@ class PipelineCacheHandle:
             policy=per_model[0].policy if per_model else "",
             generations=generations,
             cache_bytes=sum(stats.cache_bytes for stats in per_model),
+            dropped_generations=max((stats.dropped_generations for stats in per_model), default=0),
+            dropped_forwards=sum(stats.dropped_forwards for stats in per_model),
         )
 
     def records(self) -> list[ForwardRecord]:

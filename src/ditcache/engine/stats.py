@@ -7,6 +7,7 @@ reported for information only.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any
 
 import torch
@@ -86,6 +87,9 @@ class Stats:
     policy: str
     generations: list[GenerationStats]
     cache_bytes: int
+    # Older generations whose records were dropped (`RecordLog`): not in `generations` nor in the totals.
+    dropped_generations: int = 0
+    dropped_forwards: int = 0
 
     @property
     def last(self) -> GenerationStats:
@@ -110,6 +114,8 @@ class Stats:
             "policy": self.policy,
             "cache_bytes": self.cache_bytes,
             "macs_speedup": self.macs_speedup,
+            "dropped_generations": self.dropped_generations,
+            "dropped_forwards": self.dropped_forwards,
             "generations": [dict(dataclasses.asdict(g), macs_speedup=g.macs_speedup) for g in self.generations],
         }
 
@@ -124,6 +130,67 @@ class Stats:
             f"tokens {g.token_fraction:.0%}, MACs speedup {g.macs_speedup:.2f}x, "
             f"decide {g.decide_seconds * 1e3:.1f} ms, cache {self.cache_bytes / 2**20:.1f} MiB"
         )
+
+
+RECORDED_GENERATIONS = 16  # default `RecordLog.limit` (`handle.recorded_generations`)
+
+
+class RecordLog:
+    """The `ForwardRecord`s of the most recent `limit` generations; older ones are dropped whole and counted, so
+    a long-lived handle holds a bounded number of records (stats report only generations whose every forward
+    is kept). Thread-safe: concurrent generations append under one lock. A generation is dropped by its id
+    (the order generations started in); the limit should exceed the number of generations running at once."""
+
+    def __init__(self, limit: int = RECORDED_GENERATIONS) -> None:
+        self._lock = threading.Lock()
+        self._generations: dict[int, list[ForwardRecord]] = {}
+        self._dropped_up_to = 0  # every generation id up to this one was dropped or never recorded
+        self.limit = limit
+        self.dropped_generations = 0
+        self.dropped_forwards = 0
+
+    def set_limit(self, limit: int) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"recorded_generations must be a positive integer, got {limit!r}")
+        with self._lock:
+            self.limit = limit
+            self._drop_oldest()
+
+    def append(self, record: ForwardRecord) -> None:
+        with self._lock:
+            records = self._generations.get(record.generation)
+            if records is None:
+                if record.generation <= self._dropped_up_to:  # its generation was dropped while it ran
+                    self.dropped_forwards += 1
+                    return
+                records = self._generations[record.generation] = []
+            records.append(record)
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        while len(self._generations) > self.limit:
+            oldest = min(self._generations)
+            self.dropped_forwards += len(self._generations.pop(oldest))
+            self.dropped_generations += 1
+            self._dropped_up_to = max(self._dropped_up_to, oldest)
+
+    def records(self) -> list[ForwardRecord]:
+        """Every kept record, generation by generation (oldest first), forwards in order; a copy."""
+        return [record for records in self.by_generation().values() for record in records]
+
+    def by_generation(self) -> dict[int, list[ForwardRecord]]:
+        with self._lock:
+            return {g: list(self._generations[g]) for g in sorted(self._generations)}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(records) for records in self._generations.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._dropped_up_to = max([self._dropped_up_to, *self._generations])
+            self._generations.clear()
+            self.dropped_generations = self.dropped_forwards = 0
 
 
 def tensor_bytes(obj: Any, _seen: set[int] | None = None) -> int:
