@@ -8,11 +8,22 @@ import threading
 
 import pytest
 import torch
-from diffusers import FlowMatchHeunDiscreteScheduler
+from diffusers import (
+    AutoencoderKLWan,
+    DPMSolverMultistepScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PixArtSigmaPipeline,
+    UniPCMultistepScheduler,
+    WanPipeline,
+)
 
 import ditcache
 from ditcache.adapters.flux import flux_image_ids
 from ditcache.testing import euler_sample, tiny_inputs, tiny_model, tiny_uncond_inputs
+
+from .test_families_image import PIXART_MASKS, _pipeline, _runner, _tiny_vae
+from .test_families_video_pipelines import _text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -197,6 +208,81 @@ def test_unnamed_cfg_forwards_with_heun_keep_two_branches():
         (3, "default"), (3, "default-2"), (4, "default"), (4, "default-2"),
     ]  # fmt: skip
     assert len(handle.stats().generations) == 1
+    handle.remove()
+
+
+def _pixart_heun():
+    """PixArt-Sigma (batched CFG, no cache_context) with diffusers' HeunDiscreteScheduler: 6 steps, 11 forwards."""
+    pipe = _pipeline(PixArtSigmaPipeline, "pixart", _tiny_vae(), HeunDiscreteScheduler())
+    call = dict(negative_prompt=None, guidance_scale=4.0, height=8, width=8, use_resolution_binning=False)
+    return pipe, _runner(pipe, PIXART_MASKS, torch.ones(1, 5), **call)
+
+
+def _wan_heun():
+    """Wan (two named forwards with step_index hints) with FlowMatchHeunDiscreteScheduler: 4 steps, 7 each."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=3,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=FlowMatchHeunDiscreteScheduler(),
+        transformer=tiny_model("wan"),
+    )
+    call = dict(negative_prompt_embeds=_text(2), height=32, width=32, num_frames=5, num_inference_steps=4)
+
+    def run() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(3)
+        return pipe(
+            prompt_embeds=_text(1), **call, guidance_scale=3.0, generator=generator, output_type="latent"
+        ).frames
+
+    return pipe, run
+
+
+def _flux_multistep(scheduler):
+    def build():
+        from .test_pipeline_e2e import _run, tiny_flux_pipeline
+
+        pipe = tiny_flux_pipeline()
+        pipe.scheduler = scheduler
+        return pipe, lambda: _run(pipe)
+
+    return build
+
+
+FLOW = dict(use_flow_sigmas=True, prediction_type="flow_prediction")
+
+
+@pytest.mark.parametrize(
+    "build, forwards, steps, reused",
+    [
+        (_pixart_heun, 11, 11, [2, 4, 6, 8]),
+        (_wan_heun, 14, 7, [2, 4]),
+        (_flux_multistep(DPMSolverMultistepScheduler(**FLOW, use_dynamic_shifting=True)), 12, 6, [2, 4]),
+        (_flux_multistep(UniPCMultistepScheduler(**FLOW)), 12, 6, [2, 4]),
+    ],
+    ids=["pixart-heun", "wan-flowmatch-heun", "flux-dpmsolver++", "flux-unipc"],
+)
+def test_real_pipelines_with_heun_and_multistep_schedulers(build, forwards, steps, reused):
+    pytest.importorskip("transformers")
+    pipe, run = build()
+    pipe.set_progress_bar_config(disable=True)
+    handle = ditcache.apply(pipe, ditcache.StaticIntervalConfig(interval=2, warmup_steps=1, cooldown_steps=1))
+    first, second = run(), run()
+    generations = handle.stats().generations
+    assert len(generations) == 2 and torch.equal(first, second)  # the second call is a new, clean generation
+    for generation in generations:
+        # Every evaluation is a step (num_steps = len(scheduler.timesteps), so the last one is a cool-down step).
+        assert (generation.forwards, generation.steps, generation.reused_steps) == (forwards, steps, reused)
     handle.remove()
 
 
