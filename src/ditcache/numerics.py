@@ -14,7 +14,9 @@ __all__ = ["centred_spectrum", "frequency_masks", "frequency_split", "low_freque
 
 
 def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
-    """mean |a - b| / mean |b| (denominator clamped at 1e-12)."""
+    """mean |a - b| / mean |b| (denominator clamped at 1e-12), in float32 on `a`'s device: a decision statistic
+    of a half-precision model or of a cache kept elsewhere (`cache_dtype` / `cache_device`)."""
+    a, b = a.float(), b.to(a.device).float()
     return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
 
 

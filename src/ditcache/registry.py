@@ -77,6 +77,8 @@ def parse_policy(spec: str) -> PolicyConfig:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"policy override {item!r} in {spec!r} must look like key=value")
+        if key in changes:
+            raise ValueError(f"policy override {key!r} is given twice in {spec!r}; give each key once")
         try:
             changes[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

@@ -15,9 +15,12 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+
+from . import schemas  # noqa: F401  (registers the shipped methods' profile schemas)
+from .validate import InvalidProfileError, validate_blocks, validate_header, validate_profile
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 PROFILE_DIR_ENV = "DITCACHE_PROFILE_DIR"  # overrides the user profile directory
@@ -57,13 +60,35 @@ class Profile:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
         return path
 
+    # Where the profile was read from, named in validation errors (not saved: set by `load`).
+    source: ClassVar[str] = "<profile in memory>"
+
     @classmethod
     def load(cls, path: str | Path) -> Profile:
-        raw = json.loads(Path(path).read_text())
-        missing = {f.name for f in dataclasses.fields(cls)} - set(raw)
-        if missing:
-            raise ValueError(f"{path} is not a ditcache profile (missing {sorted(missing)})")
-        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls)})
+        """Read and validate a profile (header and the method's data schema): a malformed or tampered file
+        raises `InvalidProfileError` naming the file and the field."""
+        profile = cls.read(path)
+        profile.validate()
+        return profile
+
+    @classmethod
+    def read(cls, path: str | Path) -> Profile:
+        """Read a profile and check its header only (method, model, fingerprint, steps); `validate()` checks
+        the data. `find_profile` reads every candidate this way and validates the one it returns."""
+        text = Path(path).read_text()
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InvalidProfileError(str(path), "<json>", f"is not valid JSON ({error})") from None
+        validate_header(raw, str(path))
+        profile = cls(**{f.name: raw[f.name] for f in dataclasses.fields(Profile)})
+        profile.source = str(path)
+        return profile
+
+    def validate(self) -> None:
+        """The method's data schema (types, ranges, finite values, per-step lengths): `InvalidProfileError`."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(Profile)}
+        validate_profile(fields, self.source)
 
     @classmethod
     def shipped(cls, method: str, model_name: str, num_steps: int) -> Profile:
@@ -90,6 +115,21 @@ class Profile:
                 f"profile was calibrated for {self.num_steps} steps but this generation has {num_steps}; "
                 f"calibrate for {num_steps} steps or sample with {self.num_steps}"
             )
+        self.validate()
+        num_blocks = _num_blocks(model)
+        if num_blocks is not None:
+            validate_blocks(self.method, self.data, self.source, num_blocks)
+
+
+def _num_blocks(model: torch.nn.Module) -> int | None:
+    """The number of blocks the model's adapter hooks (None for a model without an adapter)."""
+    from ..adapters import adapter_for
+
+    try:
+        adapter = adapter_for(model)
+    except (TypeError, ValueError, KeyError):
+        return None
+    return sum(len(getattr(model, spec.attr, ())) for spec in adapter.block_lists)
 
 
 def user_profile_dir() -> Path:
@@ -123,7 +163,7 @@ def find_profile(method: str, model: torch.nn.Module, num_steps: int, directory:
         found = []
         for path in sorted(folder.glob(f"{method}-*.json")):
             try:
-                profile = Profile.load(path)
+                profile = Profile.read(path)
             except (ValueError, TypeError, OSError) as error:  # one unreadable file must not hide the others
                 warnings.warn(f"skipping unreadable profile {path}: {error}", stacklevel=2)
                 continue
@@ -131,6 +171,7 @@ def find_profile(method: str, model: torch.nn.Module, num_steps: int, directory:
                 continue
             found.append(f"{profile.model_name}@{profile.num_steps}")
             if profile.fingerprint == fingerprint and profile.num_steps == num_steps:
+                profile.validate()  # this model's own profile, tampered with: say so rather than skip it
                 return profile
         what = ", ".join(found) if found else ("none" if folder.is_dir() else "no such directory")
         searched.append(f"{folder} ({what})")

@@ -44,6 +44,7 @@ from .tokencache_predictor import (
     load_tensors,
     split_tensors,
 )
+from .validate import load_weights
 
 Key = tuple[str, int]
 
@@ -431,7 +432,8 @@ def load_profile(view: Any, num_steps: int, path: str | None = None) -> LoadedPr
     predictor = CachePredictor(
         block0.module, int(data["width"]), view.num_blocks, block0.spec.outputs, block0.spec.token_stream
     )
-    predictor.load_state_dict(predictor_state)
+    weights = f"{profile.source} (weights {data['weights']})" if "weights" in data else profile.source
+    load_weights(predictor, predictor_state, weights, "predictor.")
     predictor.eval().requires_grad_(False)
     dtype = next(block0.module.parameters()).dtype
     predictor.to(dtype=dtype, device=next(block0.module.parameters()).device)
@@ -439,7 +441,7 @@ def load_profile(view: Any, num_steps: int, path: str | None = None) -> LoadedPr
     if lora_state:
         positions = [int(p) for p in data["lora_positions"]]
         lora = LoRA({p: view.blocks[p].module for p in positions}, int(data["lora_rank"]))
-        lora.load_state_dict(lora_state)
+        load_weights(lora, lora_state, weights, "lora.")
         lora.eval().requires_grad_(False)
         lora.to(device=next(block0.module.parameters()).device)
     beta = float(data.get("beta", 0.0))

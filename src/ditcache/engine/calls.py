@@ -46,6 +46,46 @@ def shape_key(kwargs: Mapping[str, Any]) -> tuple:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class CachePlacement:
+    """Where cached tensors are kept: the config's `cache_dtype` / `cache_device` (None = as computed).
+
+    `to_cache` moves a stored value there (floating tensors take `dtype`, every tensor `device`); `to_model`
+    brings a cached value back to the dtype and device of the model's computation."""
+
+    dtype: torch.dtype | None
+    device: torch.device | None
+
+    @classmethod
+    def of(cls, config: Any) -> CachePlacement | None:
+        dtype, device = getattr(config, "cache_dtype", None), getattr(config, "cache_device", None)
+        if dtype is None and device is None:
+            return None
+        return cls(getattr(torch, dtype) if dtype else None, torch.device(device) if device else None)
+
+    def to_cache(self, value: T) -> T:
+        return map_tensors(value, lambda t: t.to(device=self.device or t.device, dtype=self._dtype(t, self.dtype)))
+
+    def to_model(self, value: T, dtype: torch.dtype, device: torch.device) -> T:
+        return map_tensors(value, lambda t: t.to(device=device, dtype=self._dtype(t, dtype)))
+
+    @staticmethod
+    def _dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+        # Only floating tensors change dtype: token indices and masks stay what they are.
+        return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`value` with `fn` applied to every tensor inside it (dicts, tuples, lists; None and others unchanged)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {key: map_tensors(item, fn) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(item, fn) for item in value)
+    return value
+
+
 @torch.compiler.disable
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """One host sync for any number of tensors: never cache NaN / inf, it would be replayed into later steps."""
@@ -88,6 +128,7 @@ class ForwardCall:
         self.arguments: Mapping[str, Any] = bound.arguments
         self._passes_started = False
         self._stored: list[torch.Tensor] = []
+        self.placement = CachePlacement.of(engine.policy.config)
 
     @property
     def hidden_states(self) -> torch.Tensor:
@@ -164,15 +205,30 @@ class ForwardCall:
         return self.wrap(sample)
 
     def wrap(self, sample: torch.Tensor) -> Any:
+        sample = self.fetch(sample)
         if self.arguments.get("return_dict", True):
             return Transformer2DModelOutput(sample=sample)
         return (sample,)
 
     def store(self, value: T) -> T:
         """Mark `value` (a tensor, or a dict / tuple / list of tensors and None) as going into a cache and
-        return it unchanged. The engine checks everything stored during this forward once, at its end."""
+        return what to keep: `value` itself, or its copy in the config's `cache_dtype` / `cache_device` when
+        set. The engine checks everything stored during this forward once, at its end (the kept copies, so a
+        float16 cache that overflows counts as non-finite)."""
+        if self.placement is not None:
+            value = self.placement.to_cache(value)
         self._stored.extend(iter_tensors(value))
         return value
+
+    def fetch(self, value: T) -> T:
+        """A cached value (what `store` returned) in the dtype and device of this forward's computation, to
+        combine it with fresh tensors. Unchanged when no `cache_dtype` / `cache_device` is set; the verbs
+        (`reuse`, `wrap`, `BlockCall.skip` / `replace` / `run_tokens` / `run_rows`, `SubmoduleCall.reuse`) fetch
+        what they are given themselves."""
+        if self.placement is None:
+            return value
+        latent = self.hidden_states
+        return self.placement.to_model(value, latent.dtype, latent.device)
 
     def finish(self, output: Any) -> bool:
         """End of the forward: True when the output and every stored tensor are finite (one host sync)."""
@@ -273,7 +329,7 @@ class BlockCall:
         from .token_run import run_token_subset
 
         self._check_token_subsets()
-        return run_token_subset(self, index, base)
+        return run_token_subset(self, index, self.forward.fetch(base))
 
     def run_rows(
         self,
@@ -296,7 +352,7 @@ class BlockCall:
 
         if index is not None:
             self._check_token_subsets()
-        return run_row_subset(self, rows, base, index, stream)
+        return run_row_subset(self, rows, self.forward.fetch(base), index, stream)
 
     def _check_token_subsets(self) -> None:
         """A clear error where the adapter says this block list cannot run on a subset of its tokens."""
@@ -321,7 +377,7 @@ class BlockCall:
 
     def skip(self, residuals: dict[str, torch.Tensor | None]) -> Any:
         """Skip the block: each output is its input plus the cached residual (None stays None)."""
-        inputs = self.inputs()
+        inputs, residuals = self.inputs(), self.forward.fetch(residuals)
         values = {}
         for name in self.ref.spec.outputs:
             residual = residuals.get(name)
@@ -332,7 +388,7 @@ class BlockCall:
     def replace(self, values: dict[str, torch.Tensor | None]) -> Any:
         """Skip the block and return `values` (e.g. its output cached at an earlier step) instead."""
         self._count(0)
-        return self.build_output(values)
+        return self.build_output(self.forward.fetch(values))
 
     def passthrough(self) -> Any:
         """Skip the block and hand its inputs on unchanged (a later block's cached output takes over)."""
@@ -366,4 +422,4 @@ class SubmoduleCall:
 
     def reuse(self, output: Any) -> Any:
         self.forward.record.skipped_submodules.append(self.ref.name)
-        return output
+        return self.forward.fetch(output)

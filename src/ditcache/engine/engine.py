@@ -285,9 +285,9 @@ class Engine:
         with self._lock:  # MACs tables are filled here; threads may ask at once
             by_generation = self._log.by_generation()
             generations = [self._generation_stats(g, records) for g, records in by_generation.items()]
+        # One count per session: a tensor both in a branch state and in the policy's shared state counts once.
         cache_bytes = sum(
-            tensor_bytes(session.states) + tensor_bytes(session.policy.cached_tensors())
-            for session in self._sessions.all()
+            tensor_bytes((session.states, session.policy.cached_tensors())) for session in self._sessions.all()
         )
         return Stats(
             policy=self.policy.describe(),

@@ -193,18 +193,28 @@ class RecordLog:
             self.dropped_generations = self.dropped_forwards = 0
 
 
-def tensor_bytes(obj: Any, _seen: set[int] | None = None) -> int:
-    """Bytes held by the tensors reachable from `obj` (dicts, sequences, dataclasses, plain objects)."""
-    seen = _seen if _seen is not None else set()
+def tensor_bytes(obj: Any) -> int:
+    """Bytes held by the tensors reachable from `obj` (dicts, sequences, dataclasses, plain objects): each
+    distinct storage once and whole, so two views of one tensor count once, and a small view of a large tensor
+    counts the large one it keeps alive."""
+    storages: dict[tuple, int] = {}
+    _collect_storages(obj, set(), storages)
+    return sum(storages.values())
+
+
+def _collect_storages(obj: Any, seen: set[int], storages: dict[tuple, int]) -> None:
     if id(obj) in seen:
-        return 0
+        return
     seen.add(id(obj))
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple, set)):
-        return sum(tensor_bytes(v, seen) for v in obj)
-    if hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
-        return sum(tensor_bytes(v, seen) for v in vars(obj).values())
-    return 0
+        storage = obj.untyped_storage()
+        storages[(str(obj.device), storage.data_ptr())] = storage.nbytes()
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _collect_storages(value, seen, storages)
+    elif isinstance(obj, (list, tuple, set)):
+        for value in obj:
+            _collect_storages(value, seen, storages)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+        for value in vars(obj).values():
+            _collect_storages(value, seen, storages)

@@ -140,7 +140,7 @@ class MixCacheController:
         scores = {}
         for choice, value in self.d.items():
             impact = self.impact(choice, step)
-            if impact is not None:
+            if impact is not None and math.isfinite(value * impact):  # an unknown (NaN / inf) D never reuses
                 scores[choice] = value * impact
         if self.penalty and self.last_choice in scores and len(scores) > 1:
             del scores[self.last_choice]

@@ -274,7 +274,7 @@ class TokenCachePolicy(Policy):
                 with setup.lora.applied(position, call.ref.module):
                     return call.run()
             return call.run()
-        update = state.updates.get(position)
+        update = call.forward.fetch(state.updates.get(position))  # from cache_dtype / cache_device, if set
         if not cacheable or update is None or update.shape != stream.shape:
             return call.run()
         keep = state.counts.get(position, stream.shape[1])
@@ -342,7 +342,7 @@ def run_cached_block(
     else:
         output = call.run_tokens(index, stream + update)
     if index.shape[-1] == 0:
-        return output, update
+        return output, call.forward.store(update)
     fresh = call.outputs_of(output)[name]
     rows_index = index if index.ndim == 2 else index.expand(stream.shape[0], -1)
     gather = rows_index.unsqueeze(-1).expand(-1, -1, stream.shape[-1])

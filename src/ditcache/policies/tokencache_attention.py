@@ -127,9 +127,10 @@ def attend_to_all_tokens(call: BlockCall, index: torch.Tensor) -> Iterator[None]
         finally:
             handle.remove()
     rows, kept, others = context.shape[0], index.shape[-1], context.shape[1] - index.shape[-1]
+    dtype = attention.to_k.weight.dtype  # Wan's modulated input is float32 even in a bfloat16 model
     example = {
-        "query": torch.empty(rows, kept, context.shape[-1], dtype=context.dtype, device=context.device),
-        "others": torch.empty(rows, others, context.shape[-1], dtype=context.dtype, device=context.device),
+        "query": torch.empty(rows, kept, context.shape[-1], dtype=dtype, device=context.device),
+        "others": torch.empty(rows, others, context.shape[-1], dtype=dtype, device=context.device),
     }
     key = ("tokencache-context", call.ref.position, shape_key(example))
     call.forward.count_extra_run(key, _ContextCost(attention), example)
