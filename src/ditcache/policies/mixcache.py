@@ -262,10 +262,10 @@ class MixCachePolicy(Policy):
         state: MixCacheState = call.state
         state.choice, state.rows = self._pass_choice(state, choice), cond_rows
         cond = sample_of(call.run_rows(cond_rows))
-        uncond = cond + self.delta_cfg
+        uncond = cond + call.fetch(self.delta_cfg)
         halves = [uncond, cond] if cond_rows.start else [cond, uncond]
         sample = call.store(torch.cat(halves))
-        self._measure(call, cond, choice)
+        self._measure(call, sample[cond_rows], choice)  # measured on what is kept, like the cached outputs
         state.output = sample
         return call.wrap(sample)
 
@@ -307,12 +307,13 @@ class MixCachePolicy(Policy):
             values = call.outputs_of(output)
             if state.rows is None and state.cond_rows is not None:  # keep the conditional half only
                 values = {k: None if v is None else v[state.cond_rows] for k, v in values.items()}
+            stored = call.forward.store(values)  # compared with the previous one as kept (cache_dtype / device)
             previous = state.blocks.get(position)
             if previous is not None:
                 step, old = previous
                 gap = max(1, call.forward.info.step - step)
-                self.controller.d[block_choice(position)] = rel_l1(values["hidden_states"], old["hidden_states"]) / gap
-            state.blocks[position] = (call.forward.info.step, call.forward.store(values))
+                self.controller.d[block_choice(position)] = rel_l1(stored["hidden_states"], old["hidden_states"]) / gap
+            state.blocks[position] = (call.forward.info.step, stored)
         return output
 
     def cached_tensors(self) -> Any:

@@ -189,7 +189,7 @@ class OmniCacheTrajectoryPolicy(Policy):
             if not (config.correction and state.q is not None):
                 return output
             state.q = call.store(self.gamma[step] * state.q)
-            return call.wrap(sample_of(output) - self._filtered(state.q, call))
+            return call.wrap(sample_of(output) - self._filtered(call.fetch(state.q), call))
         approx = None
         if config.correction and step + 1 in self.reuse_steps and have_cache:
             state.submodule_pass = SubmodulePass.REUSE  # cheap pass with cached attention / MLP: q at this step
@@ -204,9 +204,10 @@ class OmniCacheTrajectoryPolicy(Policy):
             return q
         layout = self.adapter.latent_layout
         grid = self.adapter.grid(self.model_view.model, call.arguments)
-        low, high = frequency_split(to_5d(q, layout, grid), self.config.filter_radius)
+        # The FFT in float32: CPU has no half-precision FFT, and the correction goes back in the model's dtype.
+        low, high = frequency_split(to_5d(q, layout, grid).float(), self.config.filter_radius)
         early = call.info.step < self.config.filter_switch * self.num_steps
-        return from_5d(low if early else high, layout)
+        return from_5d(low if early else high, layout).to(q.dtype)
 
     def submodule(self, call: SubmoduleCall) -> Any:
         return reuse_or_store_submodule(call)

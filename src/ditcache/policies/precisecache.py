@@ -228,15 +228,20 @@ class PreciseCachePolicy(Policy):
         factors = self.config.downsample or auto_downsample(
             tuple(x5.shape[2:]), adapter.patch(model), video=layout == "BCFHW"
         )
-        small5 = downsample(x5, factors)
+        # Decision statistics in float32: CPU has no bfloat16 / float16 avg_pool3d or FFT kernels, and half
+        # precision would make the LFD coarse. The trial itself runs in the model's dtype.
+        small5 = downsample(x5.float(), factors).to(x5.dtype)
         small_grid = dataclasses.replace(grid, frames=small5.shape[2], height=small5.shape[3], width=small5.shape[4])
         overrides: dict[str, Any] = {adapter.hidden_states_arg: from_5d(small5, layout)}
         if adapter.resized_kwargs is not None:
             overrides.update(adapter.resized_kwargs(call.arguments, small_grid))
-        trial_low = low_frequency(to_5d(call.run_trial(**overrides), layout, small_grid), self.config.radius)
+        trial = to_5d(call.run_trial(**overrides), layout, small_grid).float()
+        trial_low = low_frequency(trial, self.config.radius)
         values = []
         for prediction in predictions:
-            cached_low = low_frequency(downsample(to_5d(prediction, layout, grid), factors), self.config.radius)
+            # fetch: a cache kept in another dtype / on another device (cache_dtype / cache_device) comes back
+            cached = downsample(to_5d(call.fetch(prediction), layout, grid).float(), factors)
+            cached_low = low_frequency(cached, self.config.radius)
             value = float(torch.linalg.vector_norm(trial_low - cached_low))
             values.append(value if math.isfinite(value) else float("inf"))  # non-finite trial: compute the step
         return values
