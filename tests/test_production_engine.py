@@ -341,5 +341,20 @@ def test_flux_aspect_ratio_change_with_the_same_token_count_is_a_new_layout():
     handle.remove()
 
 
+def test_layout_under_inference_mode():
+    """Inference tensors keep no version counter; position ids made under `torch.inference_mode` still work."""
+    model = tiny_model("flux")
+    handle = ditcache.apply(model, "fora-2")
+    with torch.inference_mode():
+        inputs = _flux_inputs(4, 16)
+        cached = euler_sample(model, "flux", inputs, 4)
+    assert len(handle.stats().generations) == 1
+    handle.remove()
+    with torch.inference_mode():
+        fresh = ditcache.apply(model, "fora-2")
+        assert torch.equal(euler_sample(model, "flux", inputs, 4), cached)
+        fresh.remove()
+
+
 def _conditioning(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k != "hidden_states"}

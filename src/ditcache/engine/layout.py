@@ -25,7 +25,7 @@ class LayoutProbe:
 
     def __init__(self) -> None:
         self._tensors: tuple[torch.Tensor, ...] = ()  # held so that their ids stay unique while remembered
-        self._versions: tuple[int, ...] = ()
+        self._versions: tuple[int | None, ...] = ()
         self._summary: tuple = ()
 
     def layout(self, adapter: ModelAdapter, arguments: Mapping[str, Any]) -> Layout:
@@ -38,7 +38,8 @@ class LayoutProbe:
         return (tuple(hidden_states.shape), *zip(names, self._summarise(tensors)), *integers)
 
     def _summarise(self, tensors: tuple[torch.Tensor, ...]) -> tuple:
-        versions = tuple(t._version for t in tensors)
+        # Inference tensors (`torch.inference_mode`) keep no version counter: identity alone decides there.
+        versions = tuple(None if t.is_inference() else t._version for t in tensors)
         same = len(tensors) == len(self._tensors) and all(a is b for a, b in zip(tensors, self._tensors))
         if same and versions == self._versions:
             return self._summary
