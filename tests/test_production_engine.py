@@ -20,6 +20,7 @@ from diffusers import (
 
 import ditcache
 from ditcache.adapters.flux import flux_image_ids
+from ditcache.engine.handle import PipelineCacheHandle
 from ditcache.testing import euler_sample, tiny_inputs, tiny_model, tiny_uncond_inputs
 
 from .test_families_image import PIXART_MASKS, _pipeline, _runner, _tiny_vae
@@ -306,6 +307,14 @@ def test_long_lived_handle_keeps_a_bounded_number_of_records():
         handle.recorded_generations = 0
     handle.reset()
     assert handle.records() == [] and handle.stats().dropped_generations == 0
+    handle.remove()
+
+
+def test_pipeline_handle_sets_the_record_limit_of_every_transformer():
+    first, second = ditcache.apply(tiny_model("flux"), "none"), ditcache.apply(tiny_model("flux", seed=1), "none")
+    handle = PipelineCacheHandle({"transformer": first, "transformer_2": second}, first.config)
+    handle.recorded_generations = 2
+    assert (first.recorded_generations, second.recorded_generations, handle.recorded_generations) == (2, 2, 2)
     handle.remove()
 
 

@@ -137,6 +137,16 @@ class PipelineCacheHandle:
         for handle in self.handles.values():
             handle.reset()
 
+    @property
+    def recorded_generations(self) -> int:
+        """How many recent generations each transformer keeps per-forward records of (see `CacheHandle`)."""
+        return next(iter(self.handles.values())).recorded_generations
+
+    @recorded_generations.setter
+    def recorded_generations(self, limit: int) -> None:
+        for handle in self.handles.values():
+            handle.recorded_generations = limit
+
     def stats_per_model(self) -> dict[str, Stats]:
         """Each transformer's own statistics, by pipeline attribute name."""
         return {name: handle.stats() for name, handle in self.handles.items()}
