@@ -85,6 +85,7 @@ def test_configs_are_frozen_plain_data():
         "warmup_steps": 2,
         "cooldown_steps": 0,
         "reuse": "blocks",
+        "forecast": "copy",
     }
     with pytest.raises(ValueError, match="interval"):
         config.replace(interval=0)

@@ -32,6 +32,7 @@ import torch
 from ..calibration.profiles import Profile, find_profile
 from ..config import PolicyConfig, check_bool, check_choice, check_int
 from ..engine.calls import BlockCall, ForwardCall, sample_of
+from ..engine.forecast import FEATURE_FORECASTS, FORECASTS, Forecaster, History, check_forecast
 from ..engine.state import BranchState
 from ..numerics import rel_l1
 from ..registry import register_policy, register_preset
@@ -90,6 +91,10 @@ class MixCacheConfig(PolicyConfig):
             How a pipeline that runs CFG as one batched forward orders its halves: `"uncond-first"` (what
             diffusers' batched pipelines do), `"cond-first"`, or `"none"` for separate forwards (named
             `"cond"` / `"uncond"` by `cache_context`) or no CFG.
+        forecast (`str`, defaults to `"copy"`):
+            How the step granularity's reused output and the block granularity's reused block output are made
+            from the computed steps: `"copy"` (the last one), `"taylor1"`, `"taylor2"`, `"hermite"` or,
+            without the block granularity, `"multistep"` (see docs/METHODS.md, "Forecasting").
 
     Example:
         >>> import ditcache
@@ -114,6 +119,7 @@ class MixCacheConfig(PolicyConfig):
     # How a pipeline that runs CFG as one batched forward orders its halves; "none" = separate forwards
     # (named "cond"/"uncond" by `cache_context`) or no CFG. diffusers' batched pipelines put uncond first.
     batched_cfg: str = "none"
+    forecast: str = "copy"  # how reused outputs / block outputs are made from the computed steps
 
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, tuple(INTERVALS))
@@ -127,11 +133,17 @@ class MixCacheConfig(PolicyConfig):
         check_bool("penalty", self.penalty)
         check_bool("adaptive_interval", self.adaptive_interval)
         check_int("fixed_interval", self.fixed_interval, 2, 50)
+        if "block" in self.granularities:
+            check_forecast(self.forecast, FEATURE_FORECASTS, "the block granularity reuses block outputs")
+        else:
+            check_forecast(self.forecast, FORECASTS)
 
 
 @dataclasses.dataclass
 class MixCacheState(BranchState):
     output: torch.Tensor | None = None  # last output of this branch (step granularity reuses it)
+    history: History = dataclasses.field(default_factory=History)  # outputs a forecast reads
+    histories: dict[int, History] = dataclasses.field(default_factory=dict)  # block position -> forecast input
     cond: torch.Tensor | None = None  # conditional part of that output, where D_step / D_full are measured
     cond_step: int | None = None
     full: torch.Tensor | None = None  # conditional output of the last full step
@@ -157,6 +169,7 @@ class MixCachePolicy(Policy):
         super().__init__(config, adapter)
         self._given = Profile.load(config.profile) if config.profile else None
         self._warned_no_cfg = False
+        self.forecaster = Forecaster.of(config.forecast)
         self.reset()
 
     def reset(self) -> None:
@@ -218,7 +231,7 @@ class MixCachePolicy(Policy):
             self.trace.append((step, self.decisions[step]))
         choice = self.decisions[step]
         if choice == STEP and state.output is not None:
-            return call.reuse(state.output)
+            return call.reuse(self.forecaster.predict(state.history, step, state.output))
         if cond_rows is not None and choice != FULL and self.delta_cfg is not None:
             return self._cond_half_only(call, choice, cond_rows)
         if branch == "uncond" and choice != FULL and step in self.cond_output and self.delta_cfg is not None:
@@ -239,7 +252,7 @@ class MixCachePolicy(Policy):
             self._measure(call, sample, choice)
             if branch == "cond":
                 self.cond_output = {step: sample}
-        state.output = sample
+        state.output = self.forecaster.remember(call, state.history, step, sample)
         return output
 
     def _check_cfg_branch(self, step: int, cond_rows: slice | None) -> None:
@@ -266,7 +279,7 @@ class MixCachePolicy(Policy):
         halves = [uncond, cond] if cond_rows.start else [cond, uncond]
         sample = call.store(torch.cat(halves))
         self._measure(call, sample[cond_rows], choice)  # measured on what is kept, like the cached outputs
-        state.output = sample
+        state.output = self.forecaster.remember(call, state.history, call.info.step, sample)
         return call.wrap(sample)
 
     @staticmethod
@@ -301,7 +314,8 @@ class MixCachePolicy(Policy):
             if position < state.choice.block:
                 return call.passthrough()
             if position == state.choice.block and position in state.blocks:
-                return call.replace(state.blocks[position][1])
+                history = state.histories.get(position)
+                return call.replace(self.forecaster.predict(history, call.info.step, state.blocks[position][1]))
         output = call.run()
         if position in self.block_positions and call.forward.info.branch != "uncond":
             values = call.outputs_of(output)
@@ -314,6 +328,7 @@ class MixCachePolicy(Policy):
                 gap = max(1, call.forward.info.step - step)
                 self.controller.d[block_choice(position)] = rel_l1(stored["hidden_states"], old["hidden_states"]) / gap
             state.blocks[position] = (call.forward.info.step, stored)
+            self.forecaster.remember_at(call.forward, state.histories, position, call.forward.info.step, values)
         return output
 
     def cached_tensors(self) -> Any:

@@ -26,6 +26,7 @@ import torch
 from ..calibration.profiles import Profile, ProfileMismatchError, find_profile
 from ..config import PolicyConfig, check_bool, check_choice, check_float
 from ..engine.calls import ForwardCall, SubmoduleCall, sample_of
+from ..engine.forecast import COPY, FEATURE_FORECASTS, Forecaster, History, check_forecast
 from ..engine.latents import from_5d, to_5d
 from ..engine.state import BranchState
 from ..numerics import frequency_split
@@ -67,6 +68,9 @@ class OmniCacheTrajectoryConfig(PolicyConfig):
             Share of the steps after which the filter switches to high-pass, in [0, 1].
         filter_radius (`float`, defaults to `0.25`):
             Cut-off radius as a share of min(H, W) of the latent grid, in (0, 1].
+        forecast (`str`, defaults to `"copy"`):
+            How reused attention / MLP outputs are made from the computed steps: `"copy"` (the last one, the
+            paper), `"taylor1"`, `"taylor2"` or `"hermite"` (see docs/METHODS.md, "Forecasting").
 
     Example:
         >>> import ditcache
@@ -86,6 +90,7 @@ class OmniCacheTrajectoryConfig(PolicyConfig):
     filtering: bool = True  # low-pass the correction early, high-pass it late
     filter_switch: float = 0.5  # share of the steps after which the filter switches to high-pass
     filter_radius: float = 0.25  # cut-off radius as a share of min(H, W) of the latent grid
+    forecast: str = "copy"  # how reused attention / MLP outputs are made from the computed steps
 
     def __post_init__(self) -> None:
         check_choice("speed", self.speed, SPEEDS)
@@ -95,6 +100,7 @@ class OmniCacheTrajectoryConfig(PolicyConfig):
         check_bool("filtering", self.filtering)
         check_float("filter_switch", self.filter_switch, 0.0, 1.0)
         check_float("filter_radius", self.filter_radius, 0.0, 1.0, low_open=True)
+        check_forecast(self.forecast, FEATURE_FORECASTS, "OmniCache reuses attention / MLP outputs")
 
 
 class SubmodulePass(enum.Enum):
@@ -105,19 +111,22 @@ class SubmodulePass(enum.Enum):
 @dataclasses.dataclass
 class SubmoduleCacheState(BranchState):
     outputs: dict[str, Any] = dataclasses.field(default_factory=dict)  # submodule name -> cached output
+    histories: dict[str, History] = dataclasses.field(default_factory=dict)  # submodule name -> forecast input
     q: torch.Tensor | None = None  # cache-induced noise measured at the last computed step (chained)
     submodule_pass: SubmodulePass = SubmodulePass.COMPUTE
 
 
-def reuse_or_store_submodule(call: SubmoduleCall) -> Any:
-    """Shared with calibration: in a reuse pass return the cached output, in a compute pass cache it."""
+def reuse_or_store_submodule(call: SubmoduleCall, forecaster: Forecaster = COPY) -> Any:
+    """Shared with calibration: in a reuse pass return the cached output (or its forecast), in a compute pass
+    cache it."""
     state: SubmoduleCacheState = call.forward.state
-    name = call.ref.name
+    name, step = call.ref.name, call.forward.info.step
     if state.submodule_pass is SubmodulePass.REUSE and name in state.outputs:
-        return call.reuse(state.outputs[name])
+        return call.reuse(forecaster.predict(state.histories.get(name), step, state.outputs[name]))
     output = call.run()
     if state.submodule_pass is SubmodulePass.COMPUTE:
-        state.outputs[name] = call.forward.store(output)
+        stored = call.forward.store(output)
+        state.outputs[name] = forecaster.remember_at(call.forward, state.histories, name, step, stored)
     return output
 
 
@@ -157,6 +166,7 @@ class OmniCacheTrajectoryPolicy(Policy):
         super().__init__(config, adapter)
         self._given = Profile.load(config.profile) if config.profile else None
         self.profile: Profile | None = None
+        self.forecaster = Forecaster.of(config.forecast)
         self.reset()
 
     def reset(self) -> None:
@@ -210,7 +220,7 @@ class OmniCacheTrajectoryPolicy(Policy):
         return from_5d(low if early else high, layout).to(q.dtype)
 
     def submodule(self, call: SubmoduleCall) -> Any:
-        return reuse_or_store_submodule(call)
+        return reuse_or_store_submodule(call, self.forecaster)
 
 
 register_preset(

@@ -27,6 +27,7 @@ import torch
 
 from ..config import PolicyConfig, check_float, check_int
 from ..engine.calls import BlockCall, ForwardCall
+from ..engine.forecast import FEATURE_FORECASTS, FORECASTS, Forecaster, History, check_forecast
 from ..engine.latents import downsample, from_5d, to_5d
 from ..numerics import low_frequency
 from ..registry import register_policy, register_preset
@@ -77,6 +78,10 @@ class PreciseCacheConfig(PolicyConfig):
             per-step LFD (`ditcache.calibrate(model_or_pipe, "precisecache", num_steps=...)`) instead of
             alpha x the warm-up LFD, which only fits some models (on others it never reuses). Presets
             `precisecache-2x` (0.5) and `precisecache-3x` (0.67). None = the paper's rule.
+        forecast (`str`, defaults to `"copy"`):
+            How a reused prediction (and BlockCache's skipped residuals) is made from the computed steps:
+            `"copy"` (the last one), `"taylor1"`, `"taylor2"`, `"hermite"` or, without BlockCache,
+            `"multistep"` (see docs/METHODS.md, "Forecasting"). The trial compares with what would be reused.
 
     Example:
         >>> import ditcache
@@ -107,6 +112,7 @@ class PreciseCacheConfig(PolicyConfig):
     # Reuse this share of the steps, with delta calibrated on the model (`ditcache.calibrate(...,
     # "precisecache")`) instead of alpha x the warm-up LFD; None = the paper's rule.
     target_reuse: float | None = None
+    forecast: str = "copy"  # how a reused prediction / skipped residual is made from the computed steps
 
     def __post_init__(self) -> None:
         check_float("alpha", self.alpha, 0.0, 100.0, low_open=True)
@@ -121,6 +127,10 @@ class PreciseCacheConfig(PolicyConfig):
         check_int("block_cache_steps", self.block_cache_steps, 1)
         if self.target_reuse is not None:
             check_float("target_reuse", self.target_reuse, 0.0, 0.95, low_open=True)
+        if self.block_cache_ratio > 0:
+            check_forecast(self.forecast, FEATURE_FORECASTS, "BlockCache reuses block residuals")
+        else:
+            check_forecast(self.forecast, FORECASTS)
 
 
 def auto_downsample(grid: tuple[int, int, int], patch: tuple[int, int, int], video: bool) -> tuple[int, int, int]:
@@ -165,6 +175,7 @@ class BlockPass(enum.Enum):
 @dataclasses.dataclass
 class PreciseCacheState(OutputState):
     residuals: dict[int, Residuals] = dataclasses.field(default_factory=dict)  # block position -> residuals
+    histories: dict[int, History] = dataclasses.field(default_factory=dict)  # block position -> forecast input
     change: dict[int, float] = dataclasses.field(default_factory=dict)  # block position -> ||output - input||
     skip: set[int] = dataclasses.field(default_factory=set)  # BlockCache: positions skipped in partial passes
     uses_left: int = 0  # partial passes left before the selection is refreshed
@@ -179,6 +190,7 @@ class PreciseCachePolicy(Policy):
     def __init__(self, config: PreciseCacheConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
         self.uses_block_hooks = config.block_cache_ratio > 0
+        self.forecaster = Forecaster.of(config.forecast)
         self.reset()
 
     def reset(self) -> None:
@@ -190,16 +202,18 @@ class PreciseCachePolicy(Policy):
     # ------------------------------------------------------------------ LFCache
     def forward(self, call: ForwardCall) -> Any:
         step, state = call.info.step, call.state
+        # What a reuse would return (the cached prediction or its forecast): the trial is compared with it.
+        candidate = None if state.output is None else self.forecaster.predict(state.history, step, state.output)
         if step not in self.decisions:
-            self.decisions[step] = self._decide(call)
-        if self.decisions[step] and state.output is not None:
-            return call.reuse(state.output)
+            self.decisions[step] = self._decide(call, candidate)
+        if self.decisions[step] and candidate is not None:
+            return call.reuse(candidate)
         self._plan_blocks(state)
-        output = reuse_or_compute(call, reuse=False)
+        output = reuse_or_compute(call, reuse=False, forecaster=self.forecaster)
         self._after_blocks(state)
         return output
 
-    def _decide(self, call: ForwardCall) -> bool:
+    def _decide(self, call: ForwardCall, cached: torch.Tensor | None) -> bool:
         target = self.config.target_reuse
         if target is not None and not self._alpha_calibrated:
             # The LFD is a norm over the whole batch, so an absolute delta would depend on the batch size and
@@ -208,7 +222,6 @@ class PreciseCachePolicy(Policy):
             delta, warmup_max = calibrated_threshold(self, call, target, warmup, relative_to_warmup=True)
             self.controller.alpha = delta / warmup_max
             self._alpha_calibrated = True
-        cached = call.state.output
         if cached is None:
             return False
         lfd = self.trial_lfd(call, cached)
@@ -268,12 +281,14 @@ class PreciseCachePolicy(Policy):
         state: PreciseCacheState = call.forward.state
         position = call.ref.position
         if state.block_pass is BlockPass.PARTIAL and position in state.skip and position in state.residuals:
-            return call.skip(state.residuals[position])
+            history = state.histories.get(position)
+            return call.skip(self.forecaster.predict(history, call.info.step, state.residuals[position]))
         inputs = call.inputs()
         output = call.run()
         if state.block_pass is BlockPass.FULL:
             residuals = call.forward.store(call.residuals(inputs, call.outputs_of(output)))
             state.residuals[position] = residuals
+            self.forecaster.remember_at(call.forward, state.histories, position, call.info.step, residuals)
             state.change[position] = math.sqrt(
                 sum(float(r.float().pow(2).sum()) for r in residuals.values() if r is not None)
             )

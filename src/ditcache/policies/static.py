@@ -16,6 +16,7 @@ import torch
 
 from ..config import PolicyConfig, check_choice, check_int
 from ..engine.calls import BlockCall, ForwardCall, sample_of
+from ..engine.forecast import COPY, FEATURE_FORECASTS, FORECASTS, Forecaster, History, check_forecast
 from ..engine.state import BranchState
 from ..registry import register_policy, register_preset
 from .base import Policy, Residuals, run_and_store_residuals
@@ -47,6 +48,10 @@ class StaticIntervalConfig(PolicyConfig):
         reuse (`str`, defaults to `"output"`):
             What a reused step takes from the last computed step: `"output"` (the whole model output; the
             cheapest, the embedders are skipped too) or `"blocks"` (every block's residual, FORA).
+        forecast (`str`, defaults to `"copy"`):
+            How the reused output / residuals are made from the computed steps: `"copy"` (the last one),
+            `"taylor1"`, `"taylor2"`, `"hermite"` or, with `reuse="output"`, `"multistep"` (see
+            `ditcache.engine.forecast` and docs/METHODS.md, "Forecasting"). E.g. `"fora-3:forecast=taylor1"`.
 
     Example:
         >>> import ditcache
@@ -65,12 +70,17 @@ class StaticIntervalConfig(PolicyConfig):
     warmup_steps: int = 2
     cooldown_steps: int = 0
     reuse: str = "output"  # "output" | "blocks"
+    forecast: str = "copy"  # how reused values are made from the computed steps (engine/forecast.py)
 
     def __post_init__(self) -> None:
         check_int("interval", self.interval, 1, 100)
         check_int("warmup_steps", self.warmup_steps, 0)
         check_int("cooldown_steps", self.cooldown_steps, 0)
         check_choice("reuse", self.reuse, ("output", "blocks"))
+        if self.reuse == "output":
+            check_forecast(self.forecast)
+        else:
+            check_forecast(self.forecast, FEATURE_FORECASTS, "multistep extrapolates whole outputs: reuse='output'")
 
     def computes(self, step: int, num_steps: int | None) -> bool:
         if step < self.warmup_steps:
@@ -93,6 +103,9 @@ class ReuseScheduleConfig(PolicyConfig):
         reuse_steps (`tuple[int, ...]`, defaults to `()`):
             0-based indices of the steps that reuse the last computed output; a tuple of integers >= 1
             (step 0 has nothing to reuse). `()` computes every step.
+        forecast (`str`, defaults to `"copy"`):
+            How a reused output is made from the computed steps: one of `"copy"`, `"taylor1"`, `"taylor2"`,
+            `"hermite"`, `"multistep"` (see docs/METHODS.md, "Forecasting").
 
     Example:
         >>> import ditcache
@@ -106,40 +119,50 @@ class ReuseScheduleConfig(PolicyConfig):
     """
 
     reuse_steps: tuple[int, ...] = ()
+    forecast: str = "copy"  # how a reused output is made from the computed steps (engine/forecast.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.reuse_steps, tuple):
             raise ValueError(f"reuse_steps must be a tuple of step indices, got {self.reuse_steps!r}")
         for step in self.reuse_steps:
             check_int("reuse_steps[...]", step, 1)
+        check_forecast(self.forecast, FORECASTS)
 
 
 @dataclasses.dataclass
 class OutputState(BranchState):
     output: torch.Tensor | None = None  # this branch's last computed model output
+    history: History = dataclasses.field(default_factory=History)  # computed outputs a forecast reads
 
 
 @register_policy(ReuseScheduleConfig)
 class ReuseSchedulePolicy(Policy):
     branch_state = OutputState
 
+    def __init__(self, config: ReuseScheduleConfig, adapter: Any) -> None:
+        super().__init__(config, adapter)
+        self.forecaster = Forecaster.of(config.forecast)
+
     def forward(self, call: ForwardCall) -> Any:
-        return reuse_or_compute(call, call.info.step in self.config.reuse_steps)
+        return reuse_or_compute(call, call.info.step in self.config.reuse_steps, self.forecaster)
 
 
-def reuse_or_compute(call: ForwardCall, reuse: bool) -> Any:
-    """Shared by output-reusing policies: reuse `call.state.output` or compute and cache it."""
+def reuse_or_compute(call: ForwardCall, reuse: bool, forecaster: Forecaster = COPY) -> Any:
+    """Shared by output-reusing policies: reuse `call.state.output` (or its forecast from the computed outputs)
+    or compute and cache it."""
     state: OutputState = call.state
+    step = call.info.step
     if reuse and state.output is not None:
-        return call.reuse(state.output)
+        return call.reuse(forecaster.predict(state.history, step, state.output))
     output = call.run()
-    state.output = call.store(sample_of(output))
+    state.output = forecaster.remember(call, state.history, step, call.store(sample_of(output)))
     return output
 
 
 @dataclasses.dataclass
 class StaticState(OutputState):
     residuals: dict[int, Residuals] = dataclasses.field(default_factory=dict)  # block position -> residuals
+    histories: dict[int, History] = dataclasses.field(default_factory=dict)  # block position -> forecast input
     reusing: bool = False  # the running forward skips every block
 
 
@@ -150,22 +173,31 @@ class StaticIntervalPolicy(Policy):
     def __init__(self, config: StaticIntervalConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
         self.uses_block_hooks = config.reuse == "blocks"
+        self.forecaster = Forecaster.of(config.forecast)
 
     def forward(self, call: ForwardCall) -> Any:
         config: StaticIntervalConfig = self.config
         state: StaticState = call.state
         compute = config.computes(call.info.step, call.info.num_steps)
         if config.reuse == "output":
-            return reuse_or_compute(call, not compute)
+            return reuse_or_compute(call, not compute, self.forecaster)
         # Block residual reuse: blocks decide from this flag; residuals must exist for every block.
         state.reusing = not compute and len(state.residuals) == self.model_view.num_blocks
         return call.run()
 
     def block(self, call: BlockCall) -> Any:
-        state: StaticState = call.forward.state
-        if state.reusing:
-            return call.skip(state.residuals[call.ref.position])
-        return run_and_store_residuals(call, state.residuals)
+        return skip_or_run_block(call, call.forward.state.reusing, self.forecaster)
+
+
+def skip_or_run_block(call: BlockCall, skip: bool, forecaster: Forecaster) -> Any:
+    """Shared by block-residual policies (state with `residuals` and `histories` by block position): skip the
+    block with its cached residuals (or their forecast) or run it and cache them."""
+    state, position, step = call.forward.state, call.ref.position, call.info.step
+    if skip:
+        return call.skip(forecaster.predict(state.histories.get(position), step, state.residuals[position]))
+    output = run_and_store_residuals(call, state.residuals)
+    forecaster.remember_at(call.forward, state.histories, position, step, state.residuals[position])
+    return output
 
 
 for _n in (2, 3, 4):

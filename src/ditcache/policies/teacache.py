@@ -17,10 +17,12 @@ import torch
 
 from ..config import PolicyConfig, check_float, check_int
 from ..engine.calls import BlockCall, ForwardCall
+from ..engine.forecast import FEATURE_FORECASTS, Forecaster, History, check_forecast
 from ..engine.state import BranchState
 from ..numerics import rel_l1
 from ..registry import register_policy, register_preset
-from .base import Policy, Residuals, calibrated_threshold, run_and_store_residuals
+from .base import Policy, Residuals, calibrated_threshold
+from .static import skip_or_run_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,9 @@ class TeaCacheConfig(PolicyConfig):
             calibrated per-step rel-L1 (`ditcache.calibrate(model_or_pipe, "teacache", num_steps=...)`), so
             the speed is about the same on every model; `threshold` is then ignored. Presets `teacache-2x`
             (0.5) and `teacache-3x` (0.67). None = `threshold` as given.
+        forecast (`str`, defaults to `"copy"`):
+            How skipped blocks' residuals are made from the computed steps: `"copy"` (the last one),
+            `"taylor1"`, `"taylor2"` or `"hermite"` (see docs/METHODS.md, "Forecasting").
 
     Example:
         >>> import ditcache
@@ -76,9 +81,11 @@ class TeaCacheConfig(PolicyConfig):
     # Reuse this share of the steps, with the threshold calibrated on the model (`ditcache.calibrate(...,
     # "teacache")`); None = use `threshold` as given.
     target_reuse: float | None = None
+    forecast: str = "copy"  # how skipped blocks' residuals are made from the computed steps
 
     def __post_init__(self) -> None:
         check_float("threshold", self.threshold, 0.0, 100.0)
+        check_forecast(self.forecast, FEATURE_FORECASTS, "TeaCache reuses block residuals")
         if self.target_reuse is not None:
             check_float("target_reuse", self.target_reuse, 0.0, 0.95, low_open=True)
         check_int("warmup_steps", self.warmup_steps, 1)
@@ -91,6 +98,7 @@ class TeaCacheState(BranchState):
     previous: torch.Tensor | None = None  # modulated input of the first block at the last forward
     accumulated: float = 0.0  # rel-L1 summed since the last computed forward
     residuals: dict[int, Residuals] = dataclasses.field(default_factory=dict)  # block position -> residuals
+    histories: dict[int, History] = dataclasses.field(default_factory=dict)  # block position -> forecast input
     skip: bool = False  # the running forward skips every block
 
 
@@ -104,6 +112,7 @@ class TeaCachePolicy(Policy):
         if adapter.modulated_input is None:
             raise TypeError(f"the {adapter.name} adapter has no modulated_input; TeaCache needs it")
         super().__init__(config, adapter)
+        self.forecaster = Forecaster.of(config.forecast)
         self.reset()
 
     def reset(self) -> None:
@@ -135,9 +144,7 @@ class TeaCachePolicy(Policy):
                 state.skip = state.accumulated < self.threshold
             if not state.skip:
                 state.accumulated = 0.0
-        if state.skip:
-            return call.skip(state.residuals[call.ref.position])
-        return run_and_store_residuals(call, state.residuals)
+        return skip_or_run_block(call, state.skip, self.forecaster)
 
 
 for _speed, _share in (("2x", 0.5), ("3x", 0.67)):
