@@ -204,6 +204,19 @@ def test_copy_is_the_default_and_forecasts_change_only_what_is_reused(spec, prof
     assert any(len(h) > 1 for state in forecast_states for h in _histories(state))
 
 
+@pytest.mark.parametrize("spec", ("static-3", "fora-3", "mixcache-acc:granularities=('block',)"))
+def test_forecasts_read_the_kept_copies_of_a_cache_dtype(spec, profile_dir, monkeypatch):
+    """With `cache_dtype` the policy keeps what `store` returned (a copy): histories must hold those very
+    tensors, or predict would not recognise the cached value and silently copy."""
+    monkeypatch.setenv(PROFILE_DIR_ENV, str(profile_dir))
+    config = ditcache.parse_policy(f"{spec}:forecast=taylor1:cache_dtype='bfloat16'")
+    copy, _, _ = _run(config.replace(forecast="copy"))
+    taylor, _, states = _run(config)
+    histories = [h for state in states for h in _histories(state) if len(h) > 1]
+    assert histories and all(t.dtype == torch.bfloat16 for h in histories for t in _leaves(h.values))
+    assert any(not torch.equal(a, b) for a, b in zip(copy, taylor))
+
+
 def test_reused_outputs_are_the_hand_computed_extrapolation_of_the_computed_ones():
     """A fixed irregular schedule, whole-step reuse: each reused output is the order-2 interpolant through the
     last three computed outputs of its branch, at the reused step."""

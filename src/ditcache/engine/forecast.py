@@ -178,11 +178,12 @@ class Forecaster:
         return self.mode is Forecast.COPY
 
     def remember(self, call: ForwardCall, history: History, position: float, value: T) -> T:
-        """Record `value`, computed at `position`, and return it. It goes through `call.store` (the engine
-        checks it for NaN / inf at the end of the forward and resets the branch state, histories included, if
-        it is not finite), so a forecast only ever combines finite values."""
+        """Record `value`, computed at `position`, and return it. `value` must be what `call.store` returned
+        (the copy the policy keeps): the engine checks it for NaN / inf at the end of the forward and resets the
+        branch state, histories included, if it is not finite, so a forecast only ever combines finite values.
+        `call` is the forward the value was stored in."""
         if not self.copies:
-            history.push(float(position), call.store(value), self.mode.order + 1)
+            history.push(float(position), value, self.mode.order + 1)
         return value
 
     def remember_at(

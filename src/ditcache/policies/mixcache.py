@@ -328,7 +328,7 @@ class MixCachePolicy(Policy):
                 gap = max(1, call.forward.info.step - step)
                 self.controller.d[block_choice(position)] = rel_l1(stored["hidden_states"], old["hidden_states"]) / gap
             state.blocks[position] = (call.forward.info.step, stored)
-            self.forecaster.remember_at(call.forward, state.histories, position, call.forward.info.step, values)
+            self.forecaster.remember_at(call.forward, state.histories, position, call.forward.info.step, stored)
         return output
 
     def cached_tensors(self) -> Any:
