@@ -297,6 +297,23 @@ def test_refiners_zero_caches_every_block(profile_dir):
     assert stats.block_tokens[-1] < 16 * 2 * STEPS  # the last block caches too
 
 
+def test_a_profile_trained_without_refiners_loads_and_caches_every_block(tmp_path):
+    model, family = _model("dit"), "dit"
+    inputs = tiny_inputs(family)
+    uncond = tiny_uncond_inputs(family, inputs)
+
+    def run(handle):
+        return euler_sample(model, family, inputs, STEPS, uncond, handle=handle)
+
+    options = TrainOptions(refiners=0, iterations=3, lora_iterations=3, progress=False)
+    profile = train_tokencache(model, CalibrationRun(run, STEPS, 3.0), "tiny-dit", options)
+    assert profile.data["lora_rank"] is None and profile.data["lora_positions"] == []
+    path = profile.save(tmp_path / "k0.json")
+    _, stats, policy = _run(family, f"tokencache:ratio=1:profile='{path}'")
+    assert policy._setups[STEPS].refiners == 0 and policy._setups[STEPS].lora is None
+    assert stats.block_tokens[-1] < 16 * 2 * STEPS  # the last block caches too
+
+
 def test_missing_profile_names_the_calibration_command(tmp_path, monkeypatch):
     monkeypatch.setenv("DITCACHE_PROFILE_DIR", str(tmp_path))
     handle = ditcache.apply(_model("flux"), "tokencache")

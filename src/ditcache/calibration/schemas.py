@@ -93,7 +93,7 @@ def tokencache_data(fields: Fields, num_steps: int) -> None:
     fields.integer("width", 1, 1_000_000)
     fields.integer("refiners", 0, blocks)
     fields.indices("cacheable", blocks)
-    fields.integer("lora_rank", 0, 100_000)
+    fields.integer("lora_rank", 1, 64, optional=True)  # None: trained without refiners (K = 0), no LoRA
     fields.indices("lora_positions", blocks)
     fields.number("beta", optional=True)
     fields.indices("i_steps", num_steps, optional=True)
