@@ -10,7 +10,7 @@ from PIL import Image
 
 from ditcache.bench import BenchConfig, BenchResult, Row, load, rerender, write_files
 from ditcache.bench.frontier import Point, fewer_steps_at, frontier, markdown, upper_envelope
-from ditcache.bench.report import decide_share, markdown_table, report_markdown, trial_macs_share
+from ditcache.bench.report import decide_share, markdown_table, report_markdown
 from ditcache.bench.runner import reference_runs
 from ditcache.cli_compare import HEADER_PX, compare_grid, equal_macs_steps, report, run_comparison
 from ditcache.refmodels import RefModel, RefPipeline
@@ -103,7 +103,7 @@ def test_exact_fewer_steps_row_is_used_as_measured_and_envelopes():
     assert upper_envelope([]) == ()
 
 
-def test_overhead_columns_and_trial_share():
+def test_overhead_columns_and_trial_forwards():
     row = _row("precisecache-turbo", "ditcache", 1.3, 40.0)
     row.seconds = 10.0
     row.extra = {
@@ -113,15 +113,12 @@ def test_overhead_columns_and_trial_share():
         "blocks_total": 6,
         "trial_forwards": 20,
         "decide_seconds": 0.5,
-        "macs_full": 1000,
-        "macs_executed": 900,
     }
     assert decide_share(row) == pytest.approx(0.05)
-    assert trial_macs_share(row) == pytest.approx(20 * 10 / 900)  # 20 trials at 10 MACs each, of 900 spent
     plain = _row("fewer steps (25)", "fewer-steps", 2.0, 38.0, 25)
-    assert math.isnan(decide_share(plain)) and math.isnan(trial_macs_share(plain))
+    assert math.isnan(decide_share(plain))
     table = markdown_table(BenchResult(BenchConfig(steps=STEPS), [row, plain], "test"))
-    assert "decide/wall" in table and "| 5.0% |" in table and "20 trial forwards (≈22% of its MACs)" in table
+    assert "decide/wall" in table and "| 5.0% |" in table and "blocks/forward, 20 trial forwards |" in table
 
 
 def test_frontier_in_markdown_json_and_plot(tmp_path):

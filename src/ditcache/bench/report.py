@@ -1,8 +1,9 @@
 """Benchmark output: markdown table, CSV and JSON files, the frontier report, and the plots (Pareto + frontiers).
 
 Overhead is shown per row: `efficiency` (wall speedup / MACs speedup, 1.0 = overhead-free), `decide/wall` (the
-engine's measured decision time, host syncs and trial bookkeeping included, as a share of the row's wall time)
-and, in the notes, the trial forwards a method ran and their approximate share of the MACs it spent.
+engine's measured decision time: the policy's own work and host syncs, block and trial compute excluded, as a
+share of the row's wall time) and, in the notes, the trial forwards a method ran (their MACs are in its MACs
+speedup; the engine's stats do not price them apart, so no share is shown).
 """
 
 from __future__ import annotations
@@ -45,16 +46,6 @@ def decide_share(row: Row) -> float:
     return seconds / row.seconds if seconds is not None and row.seconds > 0 else math.nan
 
 
-def trial_macs_share(row: Row) -> float:
-    """Share of the executed MACs spent on trial forwards, priced at the mean full forward (exact when every
-    forward has the same shape, as on the reference models); NaN without trial statistics."""
-    extra = row.extra
-    if not extra.get("macs_executed") or "trial_forwards" not in extra:
-        return math.nan
-    per_forward = extra["macs_full"] / max(1, extra["forwards"])
-    return extra["trial_forwards"] * per_forward / extra["macs_executed"]
-
-
 _DERIVED = {"decide_share": decide_share}
 
 
@@ -93,7 +84,7 @@ def _notes(row: Row) -> str:
             f"{extra['reused_forwards']}/{extra['forwards']} forwards reused, "
             + (f"{partial} on part of the batch, " if partial else "")
             + f"{extra['blocks_per_forward']:.1f}/{extra['blocks_total']} blocks/forward"
-            + (f", {trials} trial forwards (≈{trial_macs_share(row):.0%} of its MACs)" if trials else "")
+            + (f", {trials} trial forwards" if trials else "")
         )
     if "cached_steps" in extra:
         return f"{extra['cached_steps']} cached steps"

@@ -60,8 +60,6 @@ def ditcache_policy(name: str, steps: int) -> Variant:
                 "stats_macs_speedup": g.macs_speedup,
                 "trial_forwards": g.trial_forwards,
                 "decide_seconds": g.decide_seconds,
-                "macs_full": g.macs_full,
-                "macs_executed": g.macs_executed,
             }
 
         return detach
