@@ -183,3 +183,13 @@ def test_compare_command_on_the_reference_model(tmp_path, capsys):
     assert main([*args[:-1], "0", "--out", str(out)]) == 2
     assert "--samples must be a positive integer" in capsys.readouterr().err
     assert main(["compare", "--policy", "nope", "--steps", "2", "--samples", "1", "--out", str(out)]) == 2
+
+
+def test_compare_shows_video_frames_side_by_side(tmp_path):
+    from ditcache.cli import main
+
+    out = tmp_path / "video.png"
+    args = ["compare", "--model", "ref-video", "--policy", "static-2", "--steps", "4", "--samples", "1"]
+    assert main([*args, "--out", str(out)]) == 0
+    # 8 frames of 16x16 per cell: cells 128 wide, 16 high.
+    assert Image.open(out).size == ((5 * (8 * 16 + 1) + 1) * 4, (1 * 17 + 1) * 4 + HEADER_PX)
