@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from .runner import Row
 
@@ -203,14 +204,14 @@ def markdown(report: Frontier) -> str:
     return "\n".join(lines)
 
 
-def plot(report: Frontier, ax: object, title: str = "") -> None:
+def plot(report: Frontier, ax: Any, title: str = "") -> None:  # ax: a matplotlib Axes (imported lazily)
     """The three upper envelopes (PSNR vs MACs speedup) on one matplotlib axes, speed classes marked."""
     styles = {"ditcache": ("s-", "tab:blue"), "peer": ("^-", "tab:orange"), "fewer-steps": ("o--", "gray")}
     for kind, (style, color) in styles.items():
         envelope = report.envelopes.get(kind, ())
         if envelope:
             xs, ys = [p.macs_speedup for p in envelope], [p.psnr for p in envelope]
-            ax.plot(xs, ys, style, color=color, label=f"{kind} frontier", drawstyle="default")
+            ax.plot(xs, ys, style, color=color, label=f"{kind} frontier")
             for p in envelope:
                 ax.annotate(p.label, (p.macs_speedup, p.psnr), fontsize=6, xytext=(3, 3), textcoords="offset points")
     for c in report.classes:
