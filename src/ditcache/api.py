@@ -10,6 +10,7 @@ import torch
 from .adapters import adapter_for
 from .applicability import check_applicable
 from .config import PolicyConfig
+from .engine.compiled import compiling_with, unwrap_compiled, whole_model_compiler
 from .engine.engine import ENGINE_ATTR, Engine
 from .engine.handle import CacheHandle, PipelineCacheHandle
 from .registry import parse_policy, policy_for
@@ -116,6 +117,10 @@ def apply(target: Any, config: PolicyConfig | str) -> CacheHandle | PipelineCach
 
 
 def _apply_one(model: torch.nn.Module, config: PolicyConfig, scheduler: Any) -> CacheHandle:
+    # `torch.compile(model)`: hook the model under the wrapper, whose compiled frame calls into the hooks;
+    # what the hooks compute goes through the wrapper's compiler (ditcache.engine.compiled).
+    compiler = whole_model_compiler(model)
+    model = unwrap_compiled(model)
     adapter = adapter_for(model)
     config = config.resolve(model)  # e.g. "auto:speedup=2" -> the config tuned for this model
     if not isinstance(config, PolicyConfig):
@@ -123,7 +128,8 @@ def _apply_one(model: torch.nn.Module, config: PolicyConfig, scheduler: Any) -> 
     check_applicable(config, adapter)  # what the method needs from the model (ditcache.applicability)
     policy = policy_for(config)(config, adapter)
     engine = Engine(model, adapter, policy, scheduler)
-    engine.install()
+    with compiling_with(compiler):
+        engine.install()
     return CacheHandle(engine, config)
 
 
@@ -149,6 +155,7 @@ def cache_context(model: torch.nn.Module, name: str, **hints: Any) -> contextlib
         [(0, 'cond'), (0, 'uncond'), (1, 'cond'), (1, 'uncond')]
         >>> handle.remove()
     """
+    model = unwrap_compiled(model)
     own = getattr(type(model), "cache_context", None)
     if own is not None:
         return model.cache_context(name, **hints) if hints else model.cache_context(name)

@@ -62,7 +62,9 @@ def registered_adapters() -> list[ModelAdapter]:
 
 
 def adapter_for(model: torch.nn.Module) -> ModelAdapter:
-    return adapter_for_class(type(model))
+    from ..engine.compiled import unwrap_compiled  # the adapter of `torch.compile(model)` is the model's
+
+    return adapter_for_class(type(unwrap_compiled(model)))
 
 
 def adapter_for_class(model_class: type[torch.nn.Module]) -> ModelAdapter:

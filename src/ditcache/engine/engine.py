@@ -22,6 +22,7 @@ from .session import Session, SessionPool
 from .state import BranchState
 from .stats import REUSED, ForwardRecord, GenerationStats, RecordLog, Stats, tensor_bytes
 from .view import ModelView
+from .weights import WeightWatch
 
 if TYPE_CHECKING:
     from ..policies.base import Policy
@@ -57,6 +58,7 @@ class Engine:
         self.view = ModelView(model, adapter, tuple(self.blocks), tuple(self.submodules))
         policy.bind(self.view)
         self._sessions = SessionPool(self._new_session, policy)
+        self.weights = WeightWatch(model)  # LoRA load / fuse / unload: cached features go stale
 
     # ----------------------------------------------------------------- install / remove
     def _find_blocks(self) -> list[BlockRef]:
@@ -197,6 +199,8 @@ class Engine:
         session = self.session()
         if session.bypass or session.current is not None:
             return original(*args, **kwargs)
+        if self.weights.changed():  # the weights changed: nothing cached so far may be reused (engine/weights.py)
+            self._begin_generation(session, session.active_generation)
         bound = BoundCall(type(self.model), args, kwargs)
         arguments = bound.passed
         timestep = _timestep_value(arguments.get(self.adapter.timestep_arg))
