@@ -127,7 +127,7 @@ class ModelAdapter:
     unbatched_args: tuple[str, ...] = ()
     execution_order: str = "sequential"
     # The pipeline passes timesteps that grow during sampling (Lumina2, Z-Image: 1 - t / 1000): a new
-    # generation starts when the timestep does not grow.
+    # generation starts when the timestep falls (a repeated timestep is the next evaluation, e.g. Heun).
     timesteps_increase: bool = False
     # Capabilities this model lacks, with the reason (`ditcache.applicability` checks methods against them):
     # (capability, reason) pairs, e.g. ("resized_forward", "..."); token subsets are declared per block list
