@@ -212,14 +212,15 @@ for _n in (2, 3, 4):
         f"reuse the whole model output, compute 1 step in {_n} after 2 warm-up steps",
     )
 
-# The project's own presets (issue 16): FORA's block residuals extrapolated along the line through the last two
-# computed steps. Chosen per speed class from the bench on the reference models (docs/METHODS.md,
-# "Forecasting"): order 1 beat copy on ref-image and ref-dit at both speeds (+3 to +8 dB); order 2 lost to
-# copy (it amplifies the step-to-step noise of the residuals over FORA's gaps).
+# The project's own presets (issue 16): FORA's block residuals forecast with HiCache's damped (scaled-Hermite)
+# series from the last 3 computed steps. Chosen per speed class from the bench on the reference models
+# (docs/METHODS.md, "Forecasting"): on ref-image and ref-dit it beat copy by +3.5 to +6 dB at both speeds and
+# kept class accuracy at 1.0; order-1 Taylor was +1.7 dB better at 2x on ref-image but 0.6 / 1.5 dB worse on
+# ref-dit and cost a class there; order-2 Taylor lost to copy (it amplifies the residuals' step-to-step noise).
 for _speed, _n in (("2x", 2), ("3x", 3)):
     register_preset(
-        f"fora-taylor-{_speed}",
-        lambda n=_n: StaticIntervalConfig(interval=n, warmup_steps=2, reuse="blocks", forecast="taylor1"),
-        f"FORA block residuals, 1 step in {_n} computed, reused steps extrapolate the residuals linearly "
-        f"from the last 2 computed steps (~{_speed} MACs)",
+        f"fora-hermite-{_speed}",
+        lambda n=_n: StaticIntervalConfig(interval=n, warmup_steps=2, reuse="blocks", forecast="hermite"),
+        f"FORA block residuals, 1 step in {_n} computed, reused steps forecast the residuals from the last 3 "
+        f"computed steps (HiCache's scaled-Hermite series; ~{_speed} MACs)",
     )
