@@ -19,7 +19,6 @@ from diffusers import (
     AutoencoderKLCogVideoX,
     AutoencoderKLHunyuanVideo,
     AutoencoderKLLTXVideo,
-    AutoencoderKLWan,
     CogVideoXDDIMScheduler,
     CogVideoXPipeline,
     FlowMatchEulerDiscreteScheduler,
@@ -32,6 +31,7 @@ import ditcache
 from ditcache.engine.engine import ENGINE_ATTR
 from ditcache.engine.handle import PipelineCacheHandle
 from ditcache.testing import tiny_model
+from ditcache.tiny.wan import tiny_wan_vae
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 STEPS = 6
@@ -45,16 +45,7 @@ def wan22_pipeline(boundary_ratio: float = 0.55) -> WanPipeline:
     """Wan 2.2 A14B layout: `transformer` (high noise) and `transformer_2` (low noise), two tiny Wan models with
     different weights; with 6 flow-matching steps (timesteps 1000, 800, 600, 401, 201, 1) and boundary 0.55 the
     high-noise expert runs steps 0-2 and the low-noise one steps 3-5."""
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(
-        base_dim=3,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    ).eval()
+    vae = tiny_wan_vae()
     pipe = WanPipeline(
         tokenizer=None,
         text_encoder=None,

@@ -9,7 +9,6 @@ import threading
 import pytest
 import torch
 from diffusers import (
-    AutoencoderKLWan,
     DPMSolverMultistepScheduler,
     FlowMatchHeunDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -22,6 +21,7 @@ import ditcache
 from ditcache.adapters.flux import flux_image_ids
 from ditcache.engine.handle import PipelineCacheHandle
 from ditcache.testing import euler_sample, tiny_inputs, tiny_model, tiny_uncond_inputs
+from ditcache.tiny.wan import tiny_wan_vae
 
 from .test_families_image import PIXART_MASKS, _pipeline, _runner, _tiny_vae
 from .test_families_video_pipelines import _text
@@ -221,16 +221,7 @@ def _pixart_heun():
 
 def _wan_heun():
     """Wan (two named forwards with step_index hints) with FlowMatchHeunDiscreteScheduler: 4 steps, 7 each."""
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(
-        base_dim=3,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    ).eval()
+    vae = tiny_wan_vae()
     pipe = WanPipeline(
         tokenizer=None,
         text_encoder=None,

@@ -1,7 +1,7 @@
 """Tiny WanTransformer3DModel: 3 blocks, (B, 4, F, H, W) latents, patch 1x2x2."""
 
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from .base import TinyFamily, register_tiny
 
@@ -38,3 +38,17 @@ WAN = register_tiny(
         inputs=video_inputs,
     )
 )
+
+
+def tiny_wan_vae() -> AutoencoderKLWan:
+    """A tiny Wan VAE (z_dim 4, like the tiny transformer's latents) for pipeline tests; seeded, eval mode."""
+    torch.manual_seed(0)
+    return AutoencoderKLWan(
+        base_dim=3,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
