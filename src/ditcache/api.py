@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .adapters import adapter_for
-from .applicability import check_applicable
+from .applicability import check_applicable, check_context_parallel
 from .config import PolicyConfig
 from .engine.compiled import compiling_with, unwrap_compiled, whole_model_compiler
 from .engine.engine import ENGINE_ATTR, Engine
@@ -126,6 +126,7 @@ def _apply_one(model: torch.nn.Module, config: PolicyConfig, scheduler: Any) -> 
     if not isinstance(config, PolicyConfig):
         raise TypeError(f"resolve() must return a PolicyConfig, got {type(config).__name__}")
     check_applicable(config, adapter)  # what the method needs from the model (ditcache.applicability)
+    check_context_parallel(config, model)  # token subsets are not synchronised across ranks
     policy = policy_for(config)(config, adapter)
     engine = Engine(model, adapter, policy, scheduler)
     with compiling_with(compiler):

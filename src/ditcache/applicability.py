@@ -104,3 +104,25 @@ def check_applicable(config: PolicyConfig, adapter: ModelAdapter) -> None:
             f"{type(config).__name__} does not apply to {adapter.model_class.__name__} ({adapter.name} adapter): "
             + "; ".join(missing)
         )
+
+
+# Under context parallelism a rank's blocks hold a shard of the tokens: a token subset chosen per shard is not
+# the subset one process would choose, and Ulysses' all-to-all needs the same number of tokens on every rank.
+CONTEXT_PARALLEL_UNSUPPORTED = frozenset({"token_subsets"})
+
+
+def check_context_parallel(config: PolicyConfig, model: torch.nn.Module) -> None:
+    """Raise `TypeError` when the model runs under context parallelism (a decision group is set) and the
+    config's method works on token subsets, which this release does not synchronise across ranks."""
+    from .engine.decisions import decision_group
+
+    if decision_group(model) is None:
+        return
+    blocked = sorted(CONTEXT_PARALLEL_UNSUPPORTED.intersection(requirements(config)))
+    if blocked:
+        raise TypeError(
+            f"{type(config).__name__} does not apply under context parallelism: it needs {', '.join(blocked)} "
+            "(each rank would pick its tokens from its own shard); use a step- or block-level method "
+            "(fora-*, static-*, teacache-*, precisecache-*, mixcache-*, omnicache-traj-*, omnicache-layered-*) "
+            "or --parallel data"
+        )

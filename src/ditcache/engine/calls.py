@@ -25,6 +25,7 @@ from .stats import REUSED, ForwardRecord
 T = TypeVar("T")
 
 if TYPE_CHECKING:
+    from .decisions import DecisionSync
     from .engine import Engine
 
 
@@ -138,6 +139,12 @@ class ForwardCall:
     def adapter(self) -> ModelAdapter:
         """The adapter of the model this forward belongs to."""
         return self.engine.adapter
+
+    @property
+    def decisions(self) -> DecisionSync:
+        """Where statistics of block tensors (a rank's shard under context parallelism) become one value that
+        every rank shares (`engine/decisions.py`)."""
+        return self.engine.decisions
 
     def count_extra_run(self, key: tuple, module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
         """Count a module the policy ran inside this forward besides the model's own blocks (a learned predictor,

@@ -16,6 +16,7 @@ from ..adapters import ModelAdapter
 from .binding import BoundCall
 from .calls import BlockCall, BlockRef, ForwardCall, SubmoduleCall, SubmoduleRef, shape_key
 from .context import StepTracker
+from .decisions import DecisionSync, context_parallel_config, decision_group
 from .hooks import AttributeOverride, ForwardHook
 from .macs import CostTable, measure_costs
 from .session import Session, SessionPool
@@ -59,6 +60,9 @@ class Engine:
         policy.bind(self.view)
         self._sessions = SessionPool(self._new_session, policy)
         self.weights = WeightWatch(model)  # LoRA load / fuse / unload: cached features go stale
+        # Context parallelism: block statistics are shards, reduced through one choke point (engine/decisions.py).
+        self.context_parallel = context_parallel_config(model)
+        self.decisions = DecisionSync(decision_group(model))
 
     # ----------------------------------------------------------------- install / remove
     def _find_blocks(self) -> list[BlockRef]:
@@ -93,7 +97,9 @@ class Engine:
                 f"ditcache is already applied to this {type(self.model).__name__}; call handle.remove() first"
             )
         self._overrides.append(AttributeOverride(self.model, ENGINE_ATTR, self))
-        self._hooks.append(ForwardHook(self.model, self._model_forward))
+        # Under diffusers' context parallelism the model-level hook wraps the split: it sees (and caches) the
+        # whole latent and the gathered output, identical on every rank; blocks see this rank's shard.
+        self._hooks.append(ForwardHook(self.model, self._model_forward, outermost=self.context_parallel is not None))
         if self.hooks_blocks:
             for ref in self.blocks:
                 self._hooks.append(ForwardHook(ref.module, functools.partial(self._block_forward, ref)))
@@ -199,6 +205,11 @@ class Engine:
         session = self.session()
         if session.bypass or session.current is not None:
             return original(*args, **kwargs)
+        if context_parallel_config(self.model) is not self.context_parallel:
+            raise RuntimeError(
+                f"context parallelism of this {type(self.model).__name__} changed after ditcache.apply: enable it "
+                "first (transformer.enable_parallelism or ditcache.parallel.enable_context_parallel), then apply"
+            )
         if self.weights.changed():  # the weights changed: nothing cached so far may be reused (engine/weights.py)
             self._begin_generation(session, session.active_generation)
         bound = BoundCall(type(self.model), args, kwargs)

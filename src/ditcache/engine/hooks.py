@@ -74,9 +74,13 @@ class ForwardHook:
     compiled caller breaks its graph here and no per-step Python state ends up in dynamo's guards.
     """
 
-    def __init__(self, module: torch.nn.Module, handler: Callable[[Callable, tuple, dict], Any]) -> None:
+    def __init__(
+        self, module: torch.nn.Module, handler: Callable[[Callable, tuple, dict], Any], outermost: bool = False
+    ) -> None:
         self.module = module
-        self._slot = _innermost_slot(module)
+        # outermost: `module.forward` itself, around other wrappers (the model-level hook under diffusers'
+        # context parallelism must see the whole latent, before diffusers splits it; see Engine.install).
+        self._slot = _Slot(module, "forward") if outermost else _innermost_slot(module)
         self._previous = self._slot.get()
         # the bound method, or whatever an earlier (unknown) wrapper installed as `module.forward`
         original = module.forward if self._previous is _MISSING else self._previous

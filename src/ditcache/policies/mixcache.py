@@ -326,7 +326,8 @@ class MixCachePolicy(Policy):
             if previous is not None:
                 step, old = previous
                 gap = max(1, call.forward.info.step - step)
-                self.controller.d[block_choice(position)] = rel_l1(stored["hidden_states"], old["hidden_states"]) / gap
+                change = call.forward.decisions.rel_l1(stored["hidden_states"], old["hidden_states"])  # a shard
+                self.controller.d[block_choice(position)] = change / gap
             state.blocks[position] = (call.forward.info.step, stored)
             self.forecaster.remember_at(call.forward, state.histories, position, call.forward.info.step, stored)
         return output

@@ -17,6 +17,7 @@ import torch
 
 from ..config import PolicyConfig, check_float, check_int
 from ..engine.calls import BlockCall, ForwardCall
+from ..engine.decisions import DecisionSync
 from ..engine.forecast import FEATURE_FORECASTS, Forecaster, History, check_forecast
 from ..engine.state import BranchState
 from ..numerics import rel_l1
@@ -125,8 +126,10 @@ class TeaCachePolicy(Policy):
         call.state.skip = False
         return call.run()
 
-    def rel_l1(self, current: torch.Tensor, previous: torch.Tensor) -> float:
-        value = rel_l1(current, previous)
+    def rel_l1(self, current: torch.Tensor, previous: torch.Tensor, decisions: DecisionSync | None = None) -> float:
+        """Rescaled rel-L1; through `decisions` (the forward's choke point) for a block's tensors, which are a
+        rank's shard under context parallelism."""
+        value = decisions.rel_l1(current, previous) if decisions is not None else rel_l1(current, previous)
         if self.config.rescale:
             value = float(sum(c * value**p for p, c in enumerate(reversed(self.config.rescale))))
         return value
@@ -138,7 +141,8 @@ class TeaCachePolicy(Policy):
             previous, state.previous = state.previous, call.forward.store(modulated)
             complete = len(state.residuals) == self.model_view.num_blocks
             if previous is not None:
-                self.trace.append((call.info.step, call.info.branch, self.rel_l1(modulated, previous)))
+                change = self.rel_l1(modulated, previous, call.forward.decisions)
+                self.trace.append((call.info.step, call.info.branch, change))
             if previous is not None and complete and call.info.step >= self.config.warmup_steps:
                 state.accumulated += self.trace[-1][2]
                 state.skip = state.accumulated < self.threshold

@@ -1,0 +1,13 @@
+"""More than one process: context parallelism with decisions in lockstep, and data-parallel generation."""
+
+from .context import enable_context_parallel, set_decision_group, supports_context_parallel
+from .launch import DistributedInfo, init_distributed, launched_by_torchrun
+
+__all__ = [
+    "DistributedInfo",
+    "enable_context_parallel",
+    "init_distributed",
+    "launched_by_torchrun",
+    "set_decision_group",
+    "supports_context_parallel",
+]

@@ -1,0 +1,95 @@
+"""One rank of the context-parallel tests (tests/test_parallel_context.py starts it under torchrun, 2 ranks, gloo).
+
+Rank 0 first samples every preset in one process (no context parallelism) and saves the outputs; then every
+rank shards the model with `enable_context_parallel`, samples each preset again and writes, per rank, a JSON
+with the max abs difference to the one-process output and the per-forward decision trace.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/_cp_worker.py OUT_DIR MODEL STEPS PRESET...
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+import ditcache
+from ditcache.engine.decisions import DecisionSync
+from ditcache.parallel import enable_context_parallel, init_distributed
+from ditcache.refmodels import RefPipeline
+
+LABELS = [1, 2]
+
+
+def sample(pipe: RefPipeline, steps: int) -> torch.Tensor:
+    return pipe(LABELS, num_inference_steps=steps, seed=3)
+
+
+def cached(pipe: RefPipeline, preset: str, steps: int) -> tuple[torch.Tensor, list[list], dict]:
+    handle = ditcache.apply(pipe, preset)
+    try:
+        out = sample(pipe, steps)
+        trace = [
+            [r.step, r.branch, r.kind, len(r.skipped_submodules), [round(f, 6) for f in r.block_fraction]]
+            for r in handle.records()
+        ]
+        stats = handle.stats()  # a collective under context parallelism: every rank asks
+        (gen,) = stats.generations
+        counts = {"reused_forwards": gen.reused_forwards, "computed_forwards": gen.computed_forwards}
+    finally:
+        handle.remove()
+    return out, trace, counts
+
+
+def shard_statistic(rank: int, world: int) -> dict:
+    """A statistic that differs between shards by construction: rank r's shard changes by r + 1 times as
+    much. Reduced through DecisionSync it must be the global value, the same on every rank."""
+    group = dist.group.WORLD
+    b = torch.ones(4 + rank, 8)  # uneven shards: 4 and 5 rows
+    a = b * (1.0 + 0.1 * (rank + 1))
+    shards = [(torch.ones(4 + r, 8), torch.ones(4 + r, 8) * (1.0 + 0.1 * (r + 1))) for r in range(world)]
+    whole_b = torch.cat([s[0] for s in shards])
+    whole_a = torch.cat([s[1] for s in shards])
+    return {
+        "local": ditcache.numerics.rel_l1(a, b),
+        "synced": DecisionSync(group).rel_l1(a, b),
+        "global": ditcache.numerics.rel_l1(whole_a, whole_b),
+    }
+
+
+def main() -> None:
+    out_dir, model, steps, presets = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+    info = init_distributed("gloo")
+    pipe = RefPipeline.from_pretrained(model)
+    reference_file = out_dir / "single.safetensors"
+    if info.is_main:  # one process, no context parallelism: the outputs to match
+        outputs, traces = {"plain": sample(pipe, steps)}, {}
+        for preset in presets:
+            outputs[preset], traces[preset], _ = cached(pipe, preset, steps)
+        save_file(outputs, str(reference_file))
+        (out_dir / "single.json").write_text(json.dumps(traces))
+    dist.barrier()
+    reference = load_file(str(reference_file))
+    enable_context_parallel(pipe.transformer)
+    result: dict = {"plain": float((sample(pipe, steps) - reference["plain"]).abs().max()), "presets": {}}
+    for preset in presets:
+        out, trace, counts = cached(pipe, preset, steps)
+        diff = float((out - reference[preset]).abs().max())
+        result["presets"][preset] = {"max_abs_diff": diff, "trace": trace, **counts}
+    result["shard_statistic"] = shard_statistic(info.rank, info.world_size)
+    try:
+        ditcache.apply(pipe, "tokencache")
+        result["token_error"] = ""
+    except TypeError as error:
+        result["token_error"] = str(error)
+    (out_dir / f"rank{info.rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
