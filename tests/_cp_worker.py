@@ -5,6 +5,8 @@ rank shards the model with `enable_context_parallel`, samples each preset again 
 with the max abs difference to the one-process output and the per-forward decision trace.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/_cp_worker.py OUT_DIR MODEL STEPS PRESET...
+
+MODEL is a reference model (ref-image, ref-video) or `tiny:FAMILY` (a tiny diffusers model, Euler loop).
 """
 
 from __future__ import annotations
@@ -21,16 +23,43 @@ import ditcache
 from ditcache.engine.decisions import DecisionSync
 from ditcache.parallel import enable_context_parallel, init_distributed
 from ditcache.refmodels import RefPipeline
+from ditcache.testing import euler_sample, tiny_inputs, tiny_model, tiny_uncond_inputs
 
 LABELS = [1, 2]
 
 
-def sample(pipe: RefPipeline, steps: int) -> torch.Tensor:
+def _even_text(inputs: dict) -> dict:
+    """4 of the tiny families' 5 text tokens: diffusers' context-parallel plans split the text too, and a
+    split must be even over the ranks."""
+    cut = {"encoder_hidden_states": 1, "encoder_attention_mask": 1, "txt_ids": 0}
+    return {k: v.narrow(cut[k], 0, 4) if k in cut else v for k, v in inputs.items()}
+
+
+class TinyLoop:
+    """A tiny diffusers model of a family (`ditcache.testing`) sampled by a hand-written CFG Euler loop, with
+    the reference pipeline's `transformer` / `__call__(..., num_inference_steps, seed)` surface."""
+
+    def __init__(self, family: str) -> None:
+        self.family, self.transformer = family, tiny_model(family)
+        self.inputs = _even_text(tiny_inputs(family, batch=2, size=8))
+        self.uncond = _even_text(tiny_uncond_inputs(family, self.inputs))
+        self.handle = None
+
+    def __call__(self, labels: list[int], num_inference_steps: int, seed: int) -> torch.Tensor:
+        del labels, seed  # fixed inputs
+        return euler_sample(
+            self.transformer, self.family, self.inputs, num_inference_steps, self.uncond, handle=self.handle
+        )
+
+
+def sample(pipe: RefPipeline | TinyLoop, steps: int) -> torch.Tensor:
     return pipe(LABELS, num_inference_steps=steps, seed=3)
 
 
 def cached(pipe: RefPipeline, preset: str, steps: int) -> tuple[torch.Tensor, list[list], dict]:
-    handle = ditcache.apply(pipe, preset)
+    handle = ditcache.apply(pipe.transformer if isinstance(pipe, TinyLoop) else pipe, preset)
+    if isinstance(pipe, TinyLoop):
+        pipe.handle = handle  # the loop's generation / branch context (models without cache_context)
     try:
         out = sample(pipe, steps)
         trace = [
@@ -64,7 +93,7 @@ def shard_statistic(rank: int, world: int) -> dict:
 def main() -> None:
     out_dir, model, steps, presets = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     info = init_distributed("gloo")
-    pipe = RefPipeline.from_pretrained(model)
+    pipe = TinyLoop(model.removeprefix("tiny:")) if model.startswith("tiny:") else RefPipeline.from_pretrained(model)
     reference_file = out_dir / "single.safetensors"
     if info.is_main:  # one process, no context parallelism: the outputs to match
         outputs, traces = {"plain": sample(pipe, steps)}, {}
@@ -82,7 +111,7 @@ def main() -> None:
         result["presets"][preset] = {"max_abs_diff": diff, "trace": trace, **counts}
     result["shard_statistic"] = shard_statistic(info.rank, info.world_size)
     try:
-        ditcache.apply(pipe, "tokencache")
+        ditcache.apply(pipe.transformer, "tokencache")
         result["token_error"] = ""
     except TypeError as error:
         result["token_error"] = str(error)

@@ -35,6 +35,7 @@ IMAGE_PRESETS = (
     "omnicache-layered-2x",
 )
 VIDEO_PRESETS = ("fora-2", "teacache-0.2", "precisecache-flash")
+TINY_PRESETS = ("none", "fora-2", "teacache-0.2", "static-2")
 
 
 def _free_port() -> int:
@@ -77,6 +78,11 @@ def video_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, d
     return _run_ranks(tmp_path_factory.mktemp("cp-video"), "ref-video", 20, VIDEO_PRESETS)
 
 
+@pytest.fixture(scope="module")
+def qwen_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, dict]:
+    return _run_ranks(tmp_path_factory.mktemp("cp-qwen"), "tiny:qwenimage", 8, TINY_PRESETS)
+
+
 def _reuses_something(preset: dict) -> bool:
     trace = preset["trace"]
     return preset["reused_forwards"] > 0 or any(skipped > 0 or min(fractions) < 1.0 for *_, skipped, fractions in trace)
@@ -108,6 +114,15 @@ def test_ulysses_wan_matches_one_process(video_ranks: tuple[dict, dict, dict], p
     assert max(rank0["presets"][preset]["max_abs_diff"], rank1["presets"][preset]["max_abs_diff"]) <= 1e-5
     assert rank0["presets"][preset]["trace"] == rank1["presets"][preset]["trace"] == single[preset]
     assert _reuses_something(rank0["presets"][preset]), preset
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_ulysses_qwenimage_hand_written_loop(qwen_ranks: tuple[dict, dict, dict], preset: str) -> None:
+    rank0, rank1, single = qwen_ranks
+    assert max(rank0["presets"][preset]["max_abs_diff"], rank1["presets"][preset]["max_abs_diff"]) <= 1e-5
+    assert rank0["presets"][preset]["trace"] == rank1["presets"][preset]["trace"] == single[preset]
+    assert len(single[preset]) == 16  # 8 steps x (cond, uncond)
+    assert preset == "none" or _reuses_something(rank0["presets"][preset])
 
 
 def test_a_statistic_that_differs_between_shards_gives_one_value(image_ranks: tuple[dict, dict, dict]) -> None:

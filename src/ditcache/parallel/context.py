@@ -70,8 +70,16 @@ def enable_context_parallel(model: torch.nn.Module, ulysses_degree: int | None =
         raise ValueError(
             f"ulysses_degree x ring_degree must equal the world size {world}, got {ulysses_degree} x {ring_degree}"
         )
+    accelerator = torch.accelerator.is_available() and torch.accelerator.device_count() > 0
+    if ring_degree > 1 and not accelerator:
+        # Ring attention merges partial results by their log-sum-exp; diffusers' native (SDPA) backend, the
+        # one that runs on a CPU, does not return it ("Native attention does not support return_lse=True").
+        raise ValueError(
+            "ring_degree > 1 needs an attention backend that returns the log-sum-exp (flash, _native_cudnn, sage: "
+            "GPU only); on the CPU use ulysses_degree"
+        )
     config = ContextParallelConfig(ulysses_degree=ulysses_degree, ring_degree=ring_degree)
-    if torch.accelerator.is_available() and torch.accelerator.device_count() > 0:
+    if accelerator:
         model.enable_parallelism(config=config)
     else:
         _enable_on_cpu(model, config)
