@@ -68,6 +68,10 @@ def _model_or_pipeline(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.parallel != "none":
+        from .cli_parallel import generate_parallel
+
+        return generate_parallel(args)
     if args.pipeline is not None:
         return _generate_pipeline(args)
     _reference_model(args)
@@ -133,6 +137,10 @@ def _cmd_train_ref(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.parallel != "none":
+        from .cli_parallel import bench_parallel
+
+        return bench_parallel(args)
     from .bench import BenchConfig, run_bench, write_files
     from .bench.report import report_markdown
     from .bench.runner import DEFAULT_POLICIES
@@ -305,6 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default="samples.png", help="output file (.png grid; .gif for videos)")
     gen.add_argument("--json", action="store_true", help="also print metrics and stats as JSON")
+    gen.add_argument(
+        "--parallel",
+        default="none",
+        choices=("none", "data", "ulysses"),
+        help="under torchrun: data = shard the samples over the processes, ulysses = split each sample's tokens "
+        "(docs/PARALLEL.md; default none)",
+    )
     gen.set_defaults(func=_cmd_generate)
 
     tr = sub.add_parser("train-ref", help="train a reference model and its classifier (CPU, <= 30 min)")
@@ -335,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cfg", default="separate", choices=("separate", "batched"), help="CFG as 2 forwards per step or 1 batched"
     )
     bench.add_argument("--out", default="bench-out", help="folder for bench.json/csv/md/png")
+    bench.add_argument(
+        "--parallel",
+        default="none",
+        choices=("none", "data"),
+        help="under torchrun: data = shard the samples over the processes (docs/PARALLEL.md; default none)",
+    )
     bench.set_defaults(func=_cmd_bench)
 
     an = sub.add_parser("analyze", help="reproduce a paper's analysis on a reference model")

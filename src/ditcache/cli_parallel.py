@@ -1,0 +1,151 @@
+"""The CLI's parallel paths: `ditcache generate|bench --parallel data|ulysses` under torchrun.
+
+`--parallel data` shards the samples over the processes (`ditcache.parallel.data`); `--parallel ulysses`
+(generate only) splits each sample's tokens (`ditcache.parallel.context_cli`). Only rank 0 prints, writes files
+and scores; the other ranks run with stdout and stderr muted and exit with status 2 when the command failed
+(rank 0 reports the error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+
+PARALLEL_MODES = ("none", "data", "ulysses")
+BENCH_PARALLEL_MODES = ("none", "data")
+
+
+def generate_parallel(args: argparse.Namespace) -> int:
+    """`ditcache generate --parallel data|ulysses`."""
+    if args.parallel == "ulysses":
+        from .parallel.context_cli import generate_ulysses
+
+        return generate_ulysses(args)
+    _check_data_mode(args, "generate")
+    return _in_group(_generate_data, args)
+
+
+def bench_parallel(args: argparse.Namespace) -> int:
+    """`ditcache bench --parallel data`."""
+    _check_data_mode(args, "bench")
+    return _in_group(_bench_data, args)
+
+
+def _check_data_mode(args: argparse.Namespace, command: str) -> None:
+    """Clear errors before joining a group: wrong mode, a user pipeline, or no torchrun."""
+    from .parallel import launched_by_torchrun
+
+    if args.parallel != "data":
+        raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)} for {command}, got {args.parallel!r}")
+    if args.pipeline is not None:
+        raise ValueError(
+            "--parallel data supports reference models (--model) only, not --pipeline; split your --prompts "
+            "file and run one `ditcache generate --pipeline ...` per device instead"
+        )
+    if not launched_by_torchrun():
+        raise ValueError(
+            f"--parallel data needs one process per device: launch it with `torchrun --nproc_per_node N ditcache "
+            f"{command} --parallel data ...` (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set)"
+        )
+
+
+def _in_group(command: Callable[[argparse.Namespace, object], int], args: argparse.Namespace) -> int:
+    """Join the torchrun group, run `command(args, info)` (muted on ranks other than 0), leave the group."""
+    import torch.distributed as dist
+
+    from .cli_pipeline import _reference_model
+    from .parallel import init_distributed
+
+    _reference_model(args)
+    info = init_distributed()
+    try:
+        if info.is_main:
+            return command(args, info)
+        with _muted():
+            try:
+                return command(args, info)
+            except Exception:  # the same error is raised on rank 0, which reports it
+                return 2
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _muted() -> Iterator[None]:
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
+
+
+def _generate_data(args: argparse.Namespace, info: object) -> int:
+    from .parallel.data import generate_data_parallel
+    from .refmodels import RefPipeline, get_spec
+    from .refmodels.evaluate import balanced_labels, score
+    from .registry import parse_policy
+    from .visual import save_samples
+
+    parse_policy(args.policy)  # a bad name fails on every rank alike, before any generation
+    pipe = RefPipeline.from_pretrained(args.model)
+    labels = balanced_labels(args.samples, get_spec(args.model).num_classes)
+    run = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, cfg_mode=args.cfg)
+    reference = generate_data_parallel(pipe, labels, None, info=info, **run) if args.policy != "none" else None
+    result = generate_data_parallel(pipe, labels, args.policy, info=info, **run)
+    if result is None:  # not rank 0
+        return 0
+    stats = result.stats
+    written = save_samples(result.samples, args.out)
+    metrics = score(args.model, result.samples, labels, None if reference is None else reference.samples)
+    rows = [shard.rows for shard in result.shards]
+    print(f"data parallel: {len(rows)} processes, samples per process {rows}")
+    if reference is not None:
+        print(f"uncached: {reference.seconds:.2f} s")
+    print(f"{args.model}, {args.steps} steps, policy {args.policy}: {result.seconds:.2f} s for {args.samples} samples")
+    print("seconds per process: " + ", ".join(f"{s:.2f}" for s in result.rank_seconds))
+    if reference is not None:
+        print(f"wall-clock speedup {reference.seconds / result.seconds:.2f}x, MACs speedup {stats.macs_speedup:.2f}x")
+    print(stats.summary())
+    print("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print("wrote " + ", ".join(str(p) for p in written))
+    if args.json:
+        payload = {
+            "seconds": result.seconds,
+            "rank_seconds": list(result.rank_seconds),
+            "samples_per_rank": rows,
+            "metrics": metrics,
+            "stats": stats.to_dict(),
+            "files": [str(p) for p in written],
+        }
+        print(json.dumps(payload, indent=2, default=float))
+    return 0
+
+
+def _bench_data(args: argparse.Namespace, info: object) -> int:
+    from .bench import BenchConfig, write_files
+    from .bench.report import report_markdown
+    from .bench.runner import DEFAULT_POLICIES
+    from .cli_pipeline import split_policies
+    from .parallel.data import bench_data_parallel
+
+    policies = split_policies(args.policies) if args.policies is not None else DEFAULT_POLICIES
+    fewer = tuple(int(n) for n in args.fewer_steps.split(",")) if args.fewer_steps else None
+    config = BenchConfig(
+        model=args.model,
+        steps=args.steps,
+        policies=policies,
+        peers=args.peers,
+        samples=args.samples,
+        repeats=args.repeats,
+        seed=args.seed,
+        cfg_mode=args.cfg,
+        fewer_steps=fewer,
+    )
+    result = bench_data_parallel(config, info)
+    if result is None:  # not rank 0
+        return 0
+    print(f"machine: {result.machine}")
+    print(report_markdown(result))
+    for path in write_files(result, args.out):
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,197 @@
+"""Data-parallel generation (`ditcache.parallel.data`, `ditcache generate|bench --parallel data`).
+
+One `torchrun` launch (2 CPU processes over gloo) runs this file as a script (`_worker` below): sharded
+generations of ref-image for several policies, a batch smaller than the world size, a sharded bench, then the CLI.
+Rank 0 saves what it gathered; the tests compare it with one-process runs in the pytest process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ditcache
+from ditcache.cli import main
+from ditcache.parallel.data import merge_stats, shard_rows
+from ditcache.refmodels import RefPipeline
+from ditcache.refmodels.evaluate import balanced_labels
+
+STEPS, SAMPLES = 6, 3  # 3 samples over 2 ranks: uneven shards (2, 1)
+BATCH_POLICIES = ("none", "fora-2", "teacache-0.1")  # decisions independent of the batch here
+SHARD_POLICY = "teacache-0.2"  # skips a step on one shard, none on the whole batch
+# Another batch size blocks float32 matmuls differently (and torchrun runs 1 thread per process): measured max
+# abs diff ~1.1e-5 for identical decisions; a different decision moves samples by > 0.1.
+TOLERANCE = 5e-5
+BENCH = dict(model="ref-image", steps=4, policies=("fora-2",), samples=3, repeats=1, fewer_steps=(2,))
+CLI_ARGS = ["generate", "--model", "ref-image", "--parallel", "data", "--steps", "4", "--samples", "3"]
+CLI_ARGS += ["--policy", "fora-2", "--out", "grid.png"]
+# Tiny models run fastest on one thread; torchrun runs one per process too, so kernels block alike.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _worker(out: Path) -> None:
+    """Run under torchrun: every rank calls the same things; rank 0 saves the gathered results."""
+    from ditcache.bench import BenchConfig
+    from ditcache.parallel import init_distributed
+    from ditcache.parallel.data import bench_data_parallel, generate_data_parallel
+
+    info = init_distributed()
+    pipe = RefPipeline.from_pretrained("ref-image")
+    labels = balanced_labels(SAMPLES, pipe.spec.num_classes)
+    results = {}
+    for policy in (*BATCH_POLICIES, SHARD_POLICY):
+        results[policy] = generate_data_parallel(pipe, labels, policy, num_inference_steps=STEPS, info=info)
+    results["one-sample"] = generate_data_parallel(pipe, labels[:1], "fora-2", num_inference_steps=STEPS, info=info)
+    results["bench"] = bench_data_parallel(BenchConfig(**BENCH), info)
+    if info.is_main:
+        torch.save(results, out / "results.pt")
+    rank_dir = out / f"rank{info.rank}"  # the CLI writes relative paths: a file here says which rank wrote it
+    rank_dir.mkdir()
+    os.chdir(rank_dir)
+    sys.exit(main([*CLI_ARGS, "--json"]))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """(rank 0's gathered results, torchrun's stdout, the run folder) of one 2-process torchrun launch."""
+    out = tmp_path_factory.mktemp("data-parallel")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return torch.load(out / "results.pt", weights_only=False), done.stdout, out
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return RefPipeline.from_pretrained("ref-image")
+
+
+def _one_process(pipe, labels, policy, latents=None):
+    handle = ditcache.apply(pipe, policy)
+    try:
+        samples = pipe(labels, num_inference_steps=STEPS, latents=latents)
+        return samples, handle.stats()
+    finally:
+        handle.remove()
+
+
+def _counts(stats):
+    g = stats.last
+    return (
+        g.forwards,
+        g.steps,
+        g.computed_forwards,
+        g.reused_forwards,
+        g.blocks_computed,
+        g.macs_full,
+        g.macs_executed,
+    )
+
+
+@pytest.mark.parametrize("policy", BATCH_POLICIES)
+def test_samples_and_stats_match_one_process(launched, pipe, policy):
+    results, _, _ = launched
+    result = results[policy]
+    labels = balanced_labels(SAMPLES, pipe.spec.num_classes)
+    expected, stats = _one_process(pipe, labels, policy)
+    assert [s.rows for s in result.shards] == [2, 1]
+    assert result.samples.shape == expected.shape
+    assert (result.samples - expected).abs().max().item() <= TOLERANCE
+    assert _counts(result.stats) == _counts(stats)  # MACs and steps summed over the two ranks
+    assert result.stats.macs_speedup == pytest.approx(stats.macs_speedup)
+    assert len(result.rank_seconds) == 2 and result.seconds == max(result.rank_seconds)
+
+
+def test_dynamic_policy_decides_per_shard(launched, pipe):
+    """TeaCache's statistic is a mean over the batch: each rank decides like one process on its shard."""
+    result = launched[0][SHARD_POLICY]
+    labels = balanced_labels(SAMPLES, pipe.spec.num_classes)
+    noise = pipe.initial_noise(SAMPLES, 0)
+    runs = [_one_process(pipe, s.take(labels), SHARD_POLICY, s.take(noise)) for s in result.shards]
+    expected = torch.cat([samples for samples, _ in runs])
+    assert (result.samples - expected).abs().max().item() <= TOLERANCE
+    merged = merge_stats([stats for _, stats in runs], [s.rows for s in result.shards])
+    assert _counts(result.stats) == _counts(merged)
+    assert result.stats.macs_executed == sum(stats.macs_executed for _, stats in runs)
+    assert result.stats.macs_executed < result.stats.macs_full  # it skipped blocks
+    # The shards decided differently (rank 0 skipped a step's blocks, rank 1 did not) ...
+    assert runs[0][1].last.blocks_computed != runs[1][1].last.blocks_computed
+    whole_batch, _ = _one_process(pipe, labels, SHARD_POLICY)
+    # ... and from one process on the whole batch, so samples differ: documented in docs/PARALLEL.md.
+    assert (result.samples - whole_batch).abs().max().item() > 0.01
+
+
+def test_rank_without_samples(launched, pipe):
+    result = launched[0]["one-sample"]
+    expected, stats = _one_process(pipe, balanced_labels(1, pipe.spec.num_classes), "fora-2")
+    assert [s.rows for s in result.shards] == [1, 0]
+    assert (result.samples - expected).abs().max().item() <= TOLERANCE
+    assert _counts(result.stats) == _counts(stats)
+
+
+def test_bench_sums_macs_and_scores_the_whole_batch(launched):
+    from ditcache.bench import BenchConfig, run_bench
+
+    sharded = launched[0]["bench"]
+    single = run_bench(BenchConfig(**BENCH), progress=False)
+    assert [r.label for r in sharded.rows] == [r.label for r in single.rows]
+    for row, expected in zip(sharded.rows, single.rows):
+        assert row.status == expected.status == "ok"
+        assert row.macs == expected.macs  # counted per shard, summed
+        assert row.accuracy == pytest.approx(expected.accuracy)
+        assert row.psnr == pytest.approx(expected.psnr, abs=1e-2)
+        assert len(row.extra["rank_seconds"]) == 2 and row.seconds == max(row.extra["rank_seconds"])
+
+
+def test_cli_writes_and_prints_on_rank_zero_only(launched):
+    _, stdout, out = launched
+    assert (out / "rank0" / "grid.png").is_file()
+    assert not (out / "rank1" / "grid.png").exists()
+    assert stdout.count("metrics: ") == 1
+    assert stdout.count("data parallel: 2 processes, samples per process [2, 1]") == 1
+
+
+def test_cli_without_torchrun_names_the_option(monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(CLI_ARGS) == 2
+    error = capsys.readouterr().err
+    assert "--parallel data" in error and "torchrun --nproc_per_node" in error
+
+
+def test_cli_refuses_user_pipeline(capsys):
+    assert main(["generate", "--pipeline", "x.py:make", "--prompts", "p.txt", "--parallel", "data"]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["bench", "--pipeline", "x.py:make", "--parallel", "data"]) == 2
+
+
+@pytest.mark.parametrize("total", [0, 1, 5, 16])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shards_are_contiguous_and_balanced(total, world):
+    shards = [shard_rows(total, world, rank) for rank in range(world)]
+    assert shards[0].start == 0 and shards[-1].stop == total
+    assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
+    assert max(s.rows for s in shards) - min(s.rows for s in shards) <= 1
+
+
+def test_shard_rows_rejects_bad_rank():
+    with pytest.raises(ValueError, match="rank"):
+        shard_rows(4, 2, 2)
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
