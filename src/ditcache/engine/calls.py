@@ -89,10 +89,23 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 @torch.compiler.disable
 def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """One host sync for any number of tensors: never cache NaN / inf, it would be replayed into later steps."""
-    if not tensors:
+    """One host sync for any number of tensors: never cache NaN / inf, it would be replayed into later steps.
+
+    Checked through each tensor's sum (float32 or wider): a NaN or inf element makes the sum non-finite, and a
+    sum is one read of the tensor where `isfinite(t).all()` writes a mask of its size first (17x slower on a
+    CPU, 4% of a cached generation of ref-latte). A finite tensor whose sum overflows float32 (|sum| > 3e38)
+    counts as non-finite: the branch recomputes, which is safe."""
+    sums = [_finite_probe(t) for t in tensors if t.is_floating_point() or t.is_complex()]
+    if not sums:
         return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    return bool(torch.isfinite(torch.stack([s.to(sums[0].device) for s in sums])).all())  # caches may sit elsewhere
+
+
+def _finite_probe(t: torch.Tensor) -> torch.Tensor:
+    """A scalar that is finite iff every element of `t` is (up to overflow of the sum, see `all_finite`)."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).to(torch.float64)
 
 
 class ForwardCall:
