@@ -10,10 +10,15 @@ What is identical to one process, and what is not:
 * Policies whose decisions do not look at the batch (no cache, static schedules such as `fora-N`) compute the
   same thing per sample as one process: batch rows are independent in the engine. Only float32 rounding
   differs, because matmul kernels block differently at another batch size (max abs diff ~1e-5 on ref-image).
-* Dynamic policies decide from a statistic of the whole batch (TeaCache's rel-L1 is a mean over all rows). On
-  a shard they see the shard's statistic, so their decisions are those of a one-process run of that shard, not
-  of the whole batch; when decisions differ from the one-process run, samples differ too. Matching the whole
-  batch would need the decision statistic reduced over the ranks inside the engine (not done here).
+* TeaCache decides from a mean over the whole batch (rel-L1 of the first block's modulated input). Its
+  statistic passes the engine's `DecisionSync`, so the ranks holding rows are made its decision group
+  (`set_decision_group`): the sums and counts are all-reduced and every rank takes the whole batch's
+  decision, as one process does.
+* Other dynamic policies (MixCache, PreciseCache, OmniCache, TokenCache, `auto`) decide per shard: their
+  decisions are those of one process run on that shard alone. Some of their statistics are of whole tensors
+  (the model's output, a trial forward), which `DecisionSync` does not reduce (under context parallelism they
+  are identical on every rank); reducing only the others would let ranks take different branches and issue
+  different collectives. When a shard decides differently from the whole batch, its samples differ too.
 
 A rank with no rows (fewer samples than ranks) skips the generation but still joins every collective, so no
 rank waits forever. An error on any rank is gathered and re-raised on every rank (the first failing rank's).
@@ -30,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from ..engine.stats import GenerationStats, Stats
+from .context import set_decision_group
 from .launch import DistributedInfo, init_distributed
 
 __all__ = [
@@ -40,6 +46,7 @@ __all__ = [
     "generate_data_parallel",
     "merge_stats",
     "shard_rows",
+    "syncs_decisions",
 ]
 
 
@@ -152,13 +159,19 @@ def generate_data_parallel(
     latents = shard.take(pipe.initial_noise(len(labels), seed))
     run = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, cfg_mode=cfg_mode)
     outcome = ShardOutcome(shard)
+    group = _decision_group(len(labels), info) if syncs_decisions(policy) else None
     dist.barrier()  # ranks start together, so the slowest rank's seconds are the batch's wall-clock
     try:
+        set_decision_group(pipe.transformer, group)
         outcome.samples, outcome.stats, outcome.seconds = _generate_shard(
             pipe, shard.take(labels), latents, policy, run
         )
     except Exception as error:  # gathered and re-raised on every rank
         outcome.error = error
+    finally:
+        set_decision_group(pipe.transformer, None)
+        if group is not None and group is not dist.group.WORLD:
+            dist.destroy_process_group(group)
     gathered = gather_outcomes(outcome, info)
     if gathered is None:
         return None
@@ -169,6 +182,27 @@ def generate_data_parallel(
         rank_seconds=tuple(o.seconds for o in gathered),
         shards=tuple(o.shard for o in gathered),
     )
+
+
+def syncs_decisions(policy: Any) -> bool:
+    """True for the policies whose every decision statistic passes `DecisionSync` (TeaCache), which data
+    parallelism reduces over the ranks to take the whole batch's decisions; see the module docstring."""
+    from ..policies.teacache import TeaCacheConfig
+    from ..registry import parse_policy
+
+    if policy is None:
+        return False
+    return isinstance(parse_policy(policy) if isinstance(policy, str) else policy, TeaCacheConfig)
+
+
+def _decision_group(total: int, info: DistributedInfo) -> Any:
+    """The ranks that hold rows, as a process group, on those ranks (None on the others): a rank with no rows
+    runs no forward, so it must not be in the group the statistics are all-reduced over."""
+    holders = [rank for rank in range(info.world_size) if shard_rows(total, info.world_size, rank).rows]
+    if len(holders) == info.world_size:
+        return dist.group.WORLD
+    group = dist.new_group(holders)  # a collective of every rank, members or not
+    return group if info.rank in holders else None
 
 
 def _generate_shard(
