@@ -21,9 +21,9 @@ BENCH_PARALLEL_MODES = ("none", "data")
 def generate_parallel(args: argparse.Namespace) -> int:
     """`ditcache generate --parallel data|ulysses`."""
     if args.parallel == "ulysses":
-        from .parallel.context_cli import generate_ulysses
+        from .parallel.context_cli import generate_context_parallel
 
-        return generate_ulysses(args)
+        return generate_context_parallel(args)
     _check_data_mode(args, "generate")
     return _in_group(_generate_data, args)
 

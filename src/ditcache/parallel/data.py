@@ -27,6 +27,7 @@ rank waits forever. An error on any rank is gathered and re-raised on every rank
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -127,8 +128,6 @@ def _picklable(error: BaseException | None) -> BaseException | None:
     if error is None:
         return None
     try:
-        import pickle
-
         pickle.dumps(error)
         return error
     except Exception:  # an exception carrying unpicklable state travels as its message
