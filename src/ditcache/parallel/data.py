@@ -21,7 +21,9 @@ What is identical to one process, and what is not:
   different collectives. When a shard decides differently from the whole batch, its samples differ too.
 
 A rank with no rows (fewer samples than ranks) skips the generation but still joins every collective, so no
-rank waits forever. An error on any rank is gathered and re-raised on every rank (the first failing rank's).
+rank waits forever. An error on any rank is gathered and re-raised on every rank (the first failing rank's);
+only an error in the middle of a TeaCache generation leaves the other ranks in its all-reduce until the
+group's timeout.
 """
 
 from __future__ import annotations
