@@ -20,7 +20,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 import ditcache
-from ditcache.engine.decisions import DecisionSync
+from ditcache.engine.decisions import DecisionGroup, DecisionSync
 from ditcache.parallel import enable_context_parallel, init_distributed
 from ditcache.refmodels import RefPipeline
 from ditcache.testing import euler_sample, tiny_inputs, tiny_model, tiny_uncond_inputs
@@ -85,7 +85,7 @@ def shard_statistic(rank: int, world: int) -> dict:
     whole_a = torch.cat([s[1] for s in shards])
     return {
         "local": ditcache.numerics.rel_l1(a, b),
-        "synced": DecisionSync(group).rel_l1(a, b),
+        "synced": DecisionSync(DecisionGroup(group)).rel_l1(a, b),
         "global": ditcache.numerics.rel_l1(whole_a, whole_b),
     }
 

@@ -7,6 +7,8 @@ Rank 0 saves what it gathered; the tests compare it with one-process runs in the
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -15,17 +17,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import ditcache
 from ditcache.cli import main
+from ditcache.engine.stats import Stats
 from ditcache.parallel.data import merge_stats, shard_rows
 from ditcache.refmodels import RefPipeline
 from ditcache.refmodels.evaluate import balanced_labels
 
 STEPS, SAMPLES = 6, 3  # 3 samples over 2 ranks: uneven shards (2, 1)
-# Static schedules, and TeaCache (its statistic is all-reduced over the ranks): the whole batch's decisions.
-BATCH_POLICIES = ("none", "fora-2", "teacache-0.1", "teacache-0.3")
-SHARD_POLICY = "precisecache-turbo"  # decides per shard: skips a step on shard 0 alone, none on the whole batch
+# Static schedules, and dynamic methods whose statistics are all-reduced over the ranks (DecisionSync,
+# Sharding.ROWS): the whole batch's decisions.
+BATCH_POLICIES = ("none", "fora-2", "teacache-0.1", "teacache-0.3", "precisecache-turbo")
+SHARDED_DECIDES_OTHERWISE = "precisecache-turbo"  # on shard 0 alone it skips a step; on the whole batch none
 # Another batch size blocks float32 matmuls differently (and torchrun runs 1 thread per process): measured max
 # abs diff ~1.1e-5 for identical decisions; a different decision moves samples by > 0.1.
 TOLERANCE = 5e-5
@@ -46,14 +51,25 @@ def _worker(out: Path) -> None:
     pipe = RefPipeline.from_pretrained("ref-image")
     labels = balanced_labels(SAMPLES, pipe.spec.num_classes)
     results = {}
-    for policy in (*BATCH_POLICIES, SHARD_POLICY):
+    for policy in BATCH_POLICIES:
         results[policy] = generate_data_parallel(pipe, labels, policy, num_inference_steps=STEPS, info=info)
     results["one-sample"] = generate_data_parallel(
         pipe, labels[:1], "teacache-0.3", num_inference_steps=STEPS, info=info
     )
-    results["bench"] = bench_data_parallel(BenchConfig(**BENCH), info)
-    if info.is_main:
-        torch.save(results, out / "results.pt")
+    bench = bench_data_parallel(BenchConfig(**BENCH), info)
+    if info.is_main:  # JSON and safetensors: nothing here is pickled
+        from ditcache.bench.report import to_dict
+
+        save_file({name: result.samples.contiguous() for name, result in results.items()}, str(out / "samples.st"))
+        summary = {
+            name: {
+                "rows": [shard.rows for shard in result.shards],
+                "rank_seconds": list(result.rank_seconds),
+                "stats": result.stats.to_dict() if result.stats is not None else None,
+            }
+            for name, result in results.items()
+        }
+        (out / "results.json").write_text(json.dumps({"generate": summary, "bench": to_dict(bench)}))
     rank_dir = out / f"rank{info.rank}"  # the CLI writes relative paths: a file here says which rank wrote it
     rank_dir.mkdir()
     os.chdir(rank_dir)
@@ -75,7 +91,38 @@ def launched(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return torch.load(out / "results.pt", weights_only=False), done.stdout, out
+    return _load(out), done.stdout, out
+
+
+@dataclasses.dataclass
+class Gathered:
+    """What rank 0 gathered for one generation, read back from JSON and safetensors."""
+
+    samples: torch.Tensor
+    rows: list[int]
+    rank_seconds: list[float]
+    stats: Stats | None
+
+    @property
+    def seconds(self) -> float:
+        return max(self.rank_seconds)
+
+
+def _load(out: Path) -> dict:
+    from ditcache.bench.report import from_dict
+
+    data = json.loads((out / "results.json").read_text())
+    samples = load_file(str(out / "samples.st"))
+    results = {
+        name: Gathered(samples[name], entry["rows"], entry["rank_seconds"], _stats(entry["stats"]))
+        for name, entry in data["generate"].items()
+    }
+    results["bench"] = from_dict(data["bench"])
+    return results
+
+
+def _stats(data: dict | None) -> Stats | None:
+    return None if data is None else Stats.from_dict(data)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +158,7 @@ def test_samples_and_stats_match_one_process(launched, pipe, policy):
     result = results[policy]
     labels = balanced_labels(SAMPLES, pipe.spec.num_classes)
     expected, stats = _one_process(pipe, labels, policy)
-    assert [s.rows for s in result.shards] == [2, 1]
+    assert result.rows == [2, 1]
     assert result.samples.shape == expected.shape
     assert (result.samples - expected).abs().max().item() <= TOLERANCE
     assert _counts(result.stats) == _counts(stats)  # MACs and steps summed over the two ranks
@@ -121,29 +168,28 @@ def test_samples_and_stats_match_one_process(launched, pipe, policy):
     assert len(result.rank_seconds) == 2 and result.seconds == max(result.rank_seconds)
 
 
-def test_dynamic_policy_decides_per_shard(launched, pipe):
-    """PreciseCache's trial forward is not reduced over ranks: each rank decides like one process on its shard."""
-    result = launched[0][SHARD_POLICY]
+def test_sharded_statistics_would_decide_otherwise(launched, pipe):
+    """Without the all-reduce each rank would decide on its shard: PreciseCache's trial LFD then skips a step
+    on shard 0 alone and none on the whole batch. Data parallelism matches the whole batch."""
+    result = launched[0][SHARDED_DECIDES_OTHERWISE]
     labels = balanced_labels(SAMPLES, pipe.spec.num_classes)
     noise = pipe.initial_noise(SAMPLES, 0)
-    runs = [_one_process(pipe, s.take(labels), SHARD_POLICY, s.take(noise)) for s in result.shards]
-    expected = torch.cat([samples for samples, _ in runs])
-    assert (result.samples - expected).abs().max().item() <= TOLERANCE
-    merged = merge_stats([stats for _, stats in runs], [s.rows for s in result.shards])
-    assert _counts(result.stats) == _counts(merged)
-    assert result.stats.macs_executed == sum(stats.macs_executed for _, stats in runs)
-    # The shards decided differently (rank 0 skipped a step's blocks, rank 1 did not) ...
-    assert runs[0][1].last.blocks_computed != runs[1][1].last.blocks_computed
-    whole_batch, _ = _one_process(pipe, labels, SHARD_POLICY)
-    # ... and from one process on the whole batch, so samples differ: documented in docs/PARALLEL.md.
-    assert (result.samples - whole_batch).abs().max().item() > 0.01
+    shards = [shard_rows(SAMPLES, 2, rank) for rank in range(2)]
+    runs = [_one_process(pipe, s.take(labels), SHARDED_DECIDES_OTHERWISE, s.take(noise)) for s in shards]
+    per_shard = torch.cat([samples for samples, _ in runs])
+    whole_batch, _ = _one_process(pipe, labels, SHARDED_DECIDES_OTHERWISE)
+    assert runs[0][1].last.blocks_computed != runs[1][1].last.blocks_computed  # the shards alone disagree
+    assert (per_shard - whole_batch).abs().max().item() > 0.01
+    assert (result.samples - whole_batch).abs().max().item() <= TOLERANCE
+    merged = merge_stats([stats for _, stats in runs], [s.rows for s in shards])
+    assert result.stats.macs_executed != merged.macs_executed
 
 
 def test_rank_without_samples(launched, pipe):
     """1 sample over 2 ranks: rank 1 runs nothing, and TeaCache's decision group holds rank 0 alone."""
     result = launched[0]["one-sample"]
     expected, stats = _one_process(pipe, balanced_labels(1, pipe.spec.num_classes), "teacache-0.3")
-    assert [s.rows for s in result.shards] == [1, 0]
+    assert result.rows == [1, 0]
     assert (result.samples - expected).abs().max().item() <= TOLERANCE
     assert _counts(result.stats) == _counts(stats)
 

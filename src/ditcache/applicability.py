@@ -114,9 +114,10 @@ CONTEXT_PARALLEL_UNSUPPORTED = frozenset({"token_subsets"})
 def check_context_parallel(config: PolicyConfig, model: torch.nn.Module) -> None:
     """Raise `TypeError` when the model runs under context parallelism (a decision group is set) and the
     config's method works on token subsets, which this release does not synchronise across ranks."""
-    from .engine.decisions import decision_group
+    from .engine.decisions import Sharding, decision_group
 
-    if decision_group(model) is None:
+    group = decision_group(model)
+    if group is None or group.sharding is not Sharding.TOKENS:
         return
     blocked = sorted(CONTEXT_PARALLEL_UNSUPPORTED.intersection(requirements(config)))
     if blocked:

@@ -119,6 +119,23 @@ class Stats:
             "generations": [dict(dataclasses.asdict(g), macs_speedup=g.macs_speedup) for g in self.generations],
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Stats:
+        """The inverse of `to_dict` (its derived `macs_speedup` entries are recomputed, not read)."""
+        names = {f.name for f in dataclasses.fields(GenerationStats)}
+        generations = []
+        for entry in data["generations"]:
+            fields = {k: v for k, v in entry.items() if k in names}
+            fields["reused"] = [(int(step), str(branch)) for step, branch in fields["reused"]]
+            generations.append(GenerationStats(**fields))
+        return cls(
+            policy=data["policy"],
+            generations=generations,
+            cache_bytes=data["cache_bytes"],
+            dropped_generations=data.get("dropped_generations", 0),
+            dropped_forwards=data.get("dropped_forwards", 0),
+        )
+
     def summary(self) -> str:
         if not self.generations:
             return f"{self.policy}: no generation yet"

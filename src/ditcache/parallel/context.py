@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..engine.decisions import DECISION_GROUP_ATTR, context_parallel_config
+from ..engine.decisions import DECISION_GROUP_ATTR, DecisionGroup, Sharding, context_parallel_config
 
 __all__ = ["enable_context_parallel", "set_decision_group", "supports_context_parallel"]
 
@@ -110,10 +110,19 @@ def _enable_on_cpu(model: torch.nn.Module, cp_config: object) -> None:
     apply_context_parallel(model, cp_config, model._cp_plan)
 
 
-def set_decision_group(model: torch.nn.Module, group: dist.ProcessGroup | None) -> None:
-    """Reduce `model`'s decision statistics over `group` (a sequence-parallel runtime other than diffusers',
-    e.g. xDiT); None goes back to diffusers' context-parallel mesh, if any. Call before `ditcache.apply`."""
+def set_decision_group(
+    model: torch.nn.Module, group: dist.ProcessGroup | None, sharding: Sharding = Sharding.TOKENS
+) -> None:
+    """Reduce `model`'s decision statistics over `group`: a sequence-parallel runtime other than diffusers'
+    (xDiT; `Sharding.TOKENS`), or the ranks of a data-parallel batch (`Sharding.ROWS`, every statistic is
+    reduced). None goes back to diffusers' context-parallel mesh, if any. Call before `ditcache.apply`.
+
+    Raises:
+        TypeError: `sharding` is not a `ditcache.engine.decisions.Sharding`.
+    """
+    if not isinstance(sharding, Sharding):
+        raise TypeError(f"sharding must be Sharding.TOKENS or Sharding.ROWS, got {sharding!r}")
     if group is None:
         model.__dict__.pop(DECISION_GROUP_ATTR, None)
     else:
-        model.__dict__[DECISION_GROUP_ATTR] = group
+        model.__dict__[DECISION_GROUP_ATTR] = DecisionGroup(group, sharding)

@@ -10,26 +10,25 @@ What is identical to one process, and what is not:
 * Policies whose decisions do not look at the batch (no cache, static schedules such as `fora-N`) compute the
   same thing per sample as one process: batch rows are independent in the engine. Only float32 rounding
   differs, because matmul kernels block differently at another batch size (max abs diff ~1e-5 on ref-image).
-* TeaCache decides from a mean over the whole batch (rel-L1 of the first block's modulated input). Its
-  statistic passes the engine's `DecisionSync`, so the ranks holding rows are made its decision group
-  (`set_decision_group`): the sums and counts are all-reduced and every rank takes the whole batch's
+* Dynamic step- and block-level methods (TeaCache, PreciseCache, MixCache; `auto` when it resolves to one)
+  decide from statistics of the whole batch (a rel-L1 or a norm over every row). Every such statistic passes
+  the engine's `DecisionSync`; the ranks holding rows are made its decision group with `Sharding.ROWS`
+  (`set_decision_group`), so the sums and counts are all-reduced and every rank takes the whole batch's
   decision, as one process does.
-* Other dynamic policies (MixCache, PreciseCache, OmniCache, TokenCache, `auto`) decide per shard: their
-  decisions are those of one process run on that shard alone. Some of their statistics are of whole tensors
-  (the model's output, a trial forward), which `DecisionSync` does not reduce (under context parallelism they
-  are identical on every rank); reducing only the others would let ranks take different branches and issue
-  different collectives. When a shard decides differently from the whole batch, its samples differ too.
+* Token-level methods (TokenCache, OmniCache's token / frame / block caches) choose tokens per shard (their
+  choices never pass `DecisionSync`, so setting the group costs them nothing): their
+  decisions are those of one process run on that shard alone, and samples can differ from one process on
+  the whole batch.
 
 A rank with no rows (fewer samples than ranks) skips the generation but still joins every collective, so no
 rank waits forever. An error on any rank is gathered and re-raised on every rank (the first failing rank's);
-only an error in the middle of a TeaCache generation leaves the other ranks in its all-reduce until the
-group's timeout.
+only an error in the middle of a synchronised generation leaves the other ranks in an all-reduce until the
+group's timeout. Results travel as JSON and tensors (`transport`), never pickle.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pickle
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -37,9 +36,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..engine.decisions import Sharding
 from ..engine.stats import GenerationStats, Stats
 from .context import set_decision_group
 from .launch import DistributedInfo, init_distributed
+from .transport import all_gather_json, all_gather_tensors
 
 __all__ = [
     "DataParallelResult",
@@ -49,7 +50,6 @@ __all__ = [
     "generate_data_parallel",
     "merge_stats",
     "shard_rows",
-    "syncs_decisions",
 ]
 
 
@@ -92,7 +92,6 @@ class ShardOutcome:
     stats: Stats | None = None
     seconds: float = 0.0
     error: BaseException | None = None
-    payload: Any = None  # anything else a caller gathers (the bench's rows)
 
 
 @dataclasses.dataclass
@@ -111,29 +110,40 @@ class DataParallelResult:
 
 
 def gather_outcomes(outcome: ShardOutcome, info: DistributedInfo) -> list[ShardOutcome] | None:
-    """Every rank's outcome on rank 0 (rank order), None elsewhere. Raises on every rank the error of the first
-    rank that failed, so a failure on one rank neither hangs nor passes silently on the others."""
-    if outcome.samples is not None:
-        outcome.samples = outcome.samples.cpu()  # pickled through the group; rank 0 scores on the CPU
-    gathered: list[ShardOutcome] | None = [None] * info.world_size if info.is_main else None  # type: ignore[list-item]
-    error = outcome.error
-    outcome.error = _picklable(error)
-    dist.gather_object(outcome, gathered, dst=0)
-    first_error = [next((o.error for o in gathered if o.error is not None), None) if gathered else None]
-    dist.broadcast_object_list(first_error, src=0)
-    if first_error[0] is not None:
-        raise error if error is not None else first_error[0]
-    return gathered
-
-
-def _picklable(error: BaseException | None) -> BaseException | None:
-    if error is None:
+    """Every rank's outcome on rank 0 (rank order), None elsewhere, as JSON and tensors (`transport`, never
+    pickle). Raises on every rank the error of the first rank that failed (its own on the failing rank), so a
+    failure on one rank neither hangs nor passes silently on the others."""
+    metas = all_gather_json(
+        {
+            "shard": dataclasses.asdict(outcome.shard),
+            "seconds": outcome.seconds,
+            "stats": None if outcome.stats is None else outcome.stats.to_dict(),
+        },
+        info,
+    )
+    raise_first_error(outcome.error, info)
+    samples = all_gather_tensors([outcome.samples], info)
+    if not info.is_main:
         return None
-    try:
-        pickle.dumps(error)
-        return error
-    except Exception:  # an exception carrying unpicklable state travels as its message
-        return RuntimeError(f"{type(error).__name__}: {error}")
+    return [
+        ShardOutcome(
+            Shard(**meta["shard"]),
+            samples[rank][0],
+            None if meta["stats"] is None else Stats.from_dict(meta["stats"]),
+            meta["seconds"],
+        )
+        for rank, meta in enumerate(metas)
+    ]
+
+
+def raise_first_error(error: BaseException | None, info: DistributedInfo) -> None:
+    """A collective: re-raise `error` on the rank that had it and the first failing rank's message elsewhere."""
+    messages = all_gather_json(None if error is None else f"{type(error).__name__}: {error}", info)
+    if error is not None:
+        raise error
+    failed = next((rank for rank, message in enumerate(messages) if message is not None), None)
+    if failed is not None:
+        raise RuntimeError(f"rank {failed} failed: {messages[failed]}")
 
 
 def generate_data_parallel(
@@ -160,19 +170,17 @@ def generate_data_parallel(
     latents = shard.take(pipe.initial_noise(len(labels), seed))
     run = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, seed=seed, cfg_mode=cfg_mode)
     outcome = ShardOutcome(shard)
-    group = _decision_group(len(labels), info) if syncs_decisions(policy) else None
+    group = _decision_group(len(labels), info) if policy is not None else None  # whole-batch decisions
     dist.barrier()  # ranks start together, so the slowest rank's seconds are the batch's wall-clock
     try:
-        set_decision_group(pipe.transformer, group)
+        set_decision_group(pipe.transformer, group, Sharding.ROWS)
         outcome.samples, outcome.stats, outcome.seconds = _generate_shard(
             pipe, shard.take(labels), latents, policy, run
         )
     except Exception as error:  # gathered and re-raised on every rank
         outcome.error = error
     finally:
-        set_decision_group(pipe.transformer, None)
-        if group is not None and group is not dist.group.WORLD:
-            dist.destroy_process_group(group)
+        _release(pipe, group)
     gathered = gather_outcomes(outcome, info)
     if gathered is None:
         return None
@@ -185,15 +193,10 @@ def generate_data_parallel(
     )
 
 
-def syncs_decisions(policy: Any) -> bool:
-    """True for the policies whose every decision statistic passes `DecisionSync` (TeaCache), which data
-    parallelism reduces over the ranks to take the whole batch's decisions; see the module docstring."""
-    from ..policies.teacache import TeaCacheConfig
-    from ..registry import parse_policy
-
-    if policy is None:
-        return False
-    return isinstance(parse_policy(policy) if isinstance(policy, str) else policy, TeaCacheConfig)
+def _release(pipe: Any, group: Any) -> None:
+    set_decision_group(pipe.transformer, None)
+    if group is not None and group is not dist.group.WORLD:
+        dist.destroy_process_group(group)
 
 
 def _decision_group(total: int, info: DistributedInfo) -> Any:
@@ -311,8 +314,9 @@ def bench_data_parallel(config: Any, info: DistributedInfo | None = None) -> Any
     noise rows of that shard. Rank 0 merges: a variant's seconds are the slowest rank's median (the batch's
     wall-clock; ranks are not synchronised per generation, they run the same sequence of variants), MACs the sum
     over ranks, speedups recomputed from those, quality scored on the gathered samples of the whole batch;
-    `extra` holds rank 0's own stats plus `rank_seconds`. A variant that failed on any rank is failed. The
-    diffusers MagCache peer calibrates on each shard. Returns the `BenchResult` on rank 0, None elsewhere.
+    `extra` holds rank 0's own stats plus `rank_seconds`. A variant that failed on any rank is failed. ditcache
+    variants reduce their decision statistics over the ranks (whole-batch decisions); the peers (diffusers'
+    MagCache calibration included) decide on each shard. Returns the `BenchResult` on rank 0, None elsewhere.
     """
     from ..refmodels import RefPipeline
     from ..refmodels.evaluate import balanced_labels
@@ -321,17 +325,54 @@ def bench_data_parallel(config: Any, info: DistributedInfo | None = None) -> Any
     pipe = RefPipeline.from_pretrained(config.model)
     labels = balanced_labels(config.samples, pipe.spec.num_classes)
     shard = shard_rows(config.samples, info.world_size, info.rank)
-    outcome = ShardOutcome(shard)
+    payload, failure = None, None
+    group = _decision_group(config.samples, info)  # ditcache variants take the whole batch's decisions
     dist.barrier()
     try:
+        set_decision_group(pipe.transformer, group, Sharding.ROWS)
         if shard.rows:
-            outcome.payload = _bench_shard(config, pipe, shard, labels, pipe.initial_noise(config.samples, config.seed))
+            payload = _bench_shard(config, pipe, shard, labels, pipe.initial_noise(config.samples, config.seed))
     except Exception as error:  # gathered and re-raised on every rank
-        outcome.error = error
-    gathered = gather_outcomes(outcome, info)
+        failure = error
+    finally:
+        _release(pipe, group)
+    raise_first_error(failure, info)
+    gathered = gather_bench_shards(payload, info)
     if gathered is None:
         return None
-    return _merge_bench(config, labels, [o.payload for o in gathered if o.payload is not None], info.world_size)
+    return _merge_bench(config, labels, gathered, info.world_size)
+
+
+def gather_bench_shards(payload: BenchShard | None, info: DistributedInfo) -> list[BenchShard] | None:
+    """Every rank's bench shard (None for a rank without rows) on rank 0, as JSON rows and tensors."""
+    from ..bench.runner import Row
+
+    metas = all_gather_json(
+        None
+        if payload is None
+        else {
+            "rows": [dataclasses.asdict(row) for row in payload.rows],
+            "outputs": list(payload.outputs),
+            "machine": payload.machine,
+        },
+        info,
+    )
+    first = next(meta for meta in metas if meta is not None)  # rank 0 always holds rows
+    tensors = [None if payload is None else payload.reference]
+    tensors += [None if payload is None else payload.outputs.get(label) for label in first["outputs"]]
+    gathered = all_gather_tensors(tensors, info)
+    if not info.is_main:
+        return None
+    return [
+        BenchShard(
+            [Row(**row) for row in meta["rows"]],
+            dict(zip(first["outputs"], parts[1:])),
+            parts[0],
+            meta["machine"],
+        )
+        for meta, parts in zip(metas, gathered)
+        if meta is not None
+    ]
 
 
 def _bench_shard(config: Any, pipe: Any, shard: Shard, labels: torch.Tensor, noise: torch.Tensor) -> BenchShard:

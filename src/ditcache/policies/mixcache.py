@@ -24,6 +24,7 @@ granularity disabled (said once with a warning) and block mode then applies to t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any, ClassVar
 
@@ -34,7 +35,6 @@ from ..config import PolicyConfig, check_bool, check_choice, check_int
 from ..engine.calls import BlockCall, ForwardCall, sample_of
 from ..engine.forecast import FEATURE_FORECASTS, FORECASTS, Forecaster, History, check_forecast
 from ..engine.state import BranchState
-from ..numerics import rel_l1
 from ..registry import register_policy, register_preset
 from .base import Policy
 from .mixcache_controller import (
@@ -244,10 +244,10 @@ class MixCachePolicy(Policy):
             cond = sample[cond_rows]
             uncond = torch.cat([sample[: cond_rows.start], sample[cond_rows.stop :]])
             self._measure(call, cond, choice)
-            self._measure_cfg(cond, uncond)
+            self._measure_cfg(call, cond, uncond)
         elif branch == "uncond":
             if step in self.cond_output:
-                self._measure_cfg(self.cond_output[step], sample)
+                self._measure_cfg(call, self.cond_output[step], sample)
         else:
             self._measure(call, sample, choice)
             if branch == "cond":
@@ -292,18 +292,20 @@ class MixCachePolicy(Policy):
     def _measure(self, call: ForwardCall, cond: torch.Tensor, choice: Choice) -> None:
         """D_step (and D_full after a full step) from the conditional output of this step."""
         step, state, controller = call.info.step, call.state, self.controller
+        # the model's output: whole on every rank under context parallelism, this rank's rows under data parallelism
+        change = functools.partial(call.decisions.rel_l1, model_level=True)
         if state.cond is not None:
-            controller.d[STEP] = rel_l1(cond, state.cond) / max(1, step - state.cond_step)
+            controller.d[STEP] = change(cond, state.cond) / max(1, step - state.cond_step)
         if choice == FULL:
             d_full = None
             if state.full is not None:
-                d_full = rel_l1(cond, state.full) / max(1, step - state.full_step)
+                d_full = change(cond, state.full) / max(1, step - state.full_step)
             state.full, state.full_step = cond, step
             controller.full_step_done(d_full)
         state.cond, state.cond_step = cond, step
 
-    def _measure_cfg(self, cond: torch.Tensor, uncond: torch.Tensor) -> None:
-        self.controller.d[CFG] = rel_l1(uncond, cond)
+    def _measure_cfg(self, call: ForwardCall, cond: torch.Tensor, uncond: torch.Tensor) -> None:
+        self.controller.d[CFG] = call.decisions.rel_l1(uncond, cond, model_level=True)
         self.delta_cfg = uncond - cond
 
     # ------------------------------------------------------------------ blocks

@@ -255,7 +255,8 @@ class PreciseCachePolicy(Policy):
             # fetch: a cache kept in another dtype / on another device (cache_dtype / cache_device) comes back
             cached = downsample(to_5d(call.fetch(prediction), layout, grid).float(), factors)
             cached_low = low_frequency(cached, self.config.radius)
-            value = float(torch.linalg.vector_norm(trial_low - cached_low))
+            # the trial's output is whole on every rank under context parallelism, rows under data parallelism
+            value = call.decisions.vector_norm(trial_low - cached_low, model_level=True)
             values.append(value if math.isfinite(value) else float("inf"))  # non-finite trial: compute the step
         return values
 
