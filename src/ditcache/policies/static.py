@@ -224,3 +224,25 @@ for _speed, _n in (("2x", 2), ("3x", 3)):
         f"FORA block residuals, 1 step in {_n} computed, reused steps forecast the residuals from the last 3 "
         f"computed steps (HiCache's scaled-Hermite series; ~{_speed} MACs)",
     )
+
+# 1.5x class: fora-hermite-2x's interval 2 after 16 computed warm-up steps (33 of 50 computed, 1.50-1.51x MACs).
+# Reusing early steps costs the most accuracy: on ref-image (8 samples) this is 51.5 dB vs 47.7 dB for
+# fora-hermite-2x at 1.9x, while computing 2 steps in every 3 from step 2 (34 of 50) gave 42.3 dB
+# (docs/METHODS.md, "Speed classes").
+register_preset(
+    "fora-hermite-1.5x",
+    lambda: StaticIntervalConfig(interval=2, warmup_steps=16, reuse="blocks", forecast="hermite"),
+    "FORA block residuals after 16 computed warm-up steps, then 1 step in 2 computed, reused steps forecast the "
+    "residuals from the last 3 computed steps (HiCache's scaled-Hermite series; ~1.5x MACs at 50 steps)",
+)
+
+# 3x class: 17 of 50 steps computed (interval 3, no warm-up), the others return the model output forecast from the
+# last 3 computed outputs. Whole-output reuse costs nothing, so the MACs speedup is exactly 50 / 17 = 2.94x on
+# every model; FORA's block reuse still runs the embedders and final layer at reused steps (1 % of a step on
+# ref-image), which puts 17 computed steps at 2.88x there, under the class floor of 2.9x.
+register_preset(
+    "static-hermite-3x",
+    lambda: StaticIntervalConfig(interval=3, warmup_steps=0, reuse="output", forecast="hermite"),
+    "1 step in 3 computed from step 0 (17 of 50), reused steps forecast the model output from the last 3 computed "
+    "steps (HiCache's scaled-Hermite series; 2.94x MACs at 50 steps)",
+)

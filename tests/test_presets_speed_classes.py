@@ -1,0 +1,61 @@
+"""The speed-class presets (issue 16) land in their MACs class: deterministic step schedules and MACs counts.
+
+A class is the frontier's (bench/frontier.py): MACs speedup >= class - 0.1. The presets must land there by
+their schedule alone, on any model: counts of computed steps are exact, MACs speedups are read from the engine's
+stats of a 50-step Euler + CFG generation on the tiny Flux model, whose embedders and final layer cost about the
+same share of a step as ref-image's (the largest share among the reference models).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ditcache
+from ditcache.testing import euler_sample, tiny_inputs, tiny_model, tiny_uncond_inputs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+STEPS = 50
+# preset -> (steps computed of 50, MACs speedup range on the tiny Flux model)
+CLASSES = {
+    "fora-hermite-1.5x": (33, (1.4, 1.6)),
+    "fora-hermite-2x": (26, (1.85, 2.0)),
+    "static-hermite-3x": (17, (2.9, 3.1)),
+}
+
+
+def computed_steps(config: ditcache.StaticIntervalConfig, steps: int = STEPS) -> list[int]:
+    return [step for step in range(steps) if config.computes(step, steps)]
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_preset_computes_the_stated_number_of_steps(name):
+    assert len(computed_steps(ditcache.preset(name))) == CLASSES[name][0]
+
+
+def test_the_1_5x_preset_computes_the_first_16_steps_then_every_other_one():
+    computed = computed_steps(ditcache.preset("fora-hermite-1.5x"))
+    assert computed == list(range(16)) + list(range(16, STEPS, 2))
+    assert ditcache.preset("fora-hermite-1.5x").forecast == "hermite"
+
+
+def test_the_3x_preset_computes_every_third_step_from_step_0_and_reuses_whole_outputs():
+    config = ditcache.preset("static-hermite-3x")
+    assert computed_steps(config) == list(range(0, STEPS, 3))
+    assert (config.reuse, config.forecast) == ("output", "hermite")
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_preset_macs_speedup_lands_in_its_class_on_a_tiny_model(name):
+    model = tiny_model("flux")
+    handle = ditcache.apply(model, name)
+    inputs = tiny_inputs("flux")
+    with torch.no_grad(), handle.generation(num_steps=STEPS):
+        euler_sample(model, "flux", inputs, STEPS, cfg_inputs=tiny_uncond_inputs("flux", inputs), handle=handle)
+    stats = handle.stats().last
+    handle.remove()
+    low, high = CLASSES[name][1]
+    assert low <= stats.macs_speedup <= high, f"{name}: {stats.macs_speedup:.3f}x MACs"
+    if ditcache.preset(name).reuse == "output":  # reused steps cost nothing: exactly steps / computed
+        assert stats.macs_full * CLASSES[name][0] == stats.macs_executed * STEPS
