@@ -182,3 +182,39 @@ def test_context_parallelism_enabled_after_apply_is_refused() -> None:
     finally:
         model._parallel_config = None
         handle.remove()
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _torchrun_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    command += ["--master_port", str(_free_port()), "-m", "ditcache", "generate", "--model", "ref-image", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
+
+
+def test_cli_ulysses_generates_once_on_rank_zero(tmp_path: Path) -> None:
+    done = _torchrun_cli(tmp_path, "--parallel", "ulysses", "--steps", "4", "--samples", "2", "--policy", "fora-2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("--parallel ulysses over 2 ranks") == 1  # rank 0 alone reports
+    assert done.stdout.count("metrics: ") == 1
+    assert (tmp_path / "samples.png").is_file()
+
+
+def test_cli_ring_on_cpu_says_why(tmp_path: Path) -> None:
+    done = _torchrun_cli(tmp_path, "--parallel", "ring", "--steps", "2", "--samples", "2")
+    assert done.returncode != 0
+    assert "log-sum-exp" in done.stdout + done.stderr
+
+
+def test_cli_context_parallel_without_torchrun(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from ditcache.cli import main
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["generate", "--model", "ref-image", "--parallel", "ulysses"]) == 2
+    assert "torchrun --nproc_per_node N -m ditcache generate --parallel ulysses" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: bench takes none|data
+        main(["bench", "--model", "ref-image", "--parallel", "ulysses"])
+    assert "invalid choice: 'ulysses'" in capsys.readouterr().err

@@ -316,9 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--parallel",
         default="none",
-        choices=("none", "data", "ulysses"),
+        choices=("none", "data", "ulysses", "ring"),
         help="under torchrun: data = shard the samples over the processes, ulysses = split each sample's tokens "
-        "(docs/PARALLEL.md; default none)",
+        "(context parallelism; ring: the same with ring attention, GPU backends only) (docs/PARALLEL.md; default "
+        "none)",
     )
     gen.set_defaults(func=_cmd_generate)
 

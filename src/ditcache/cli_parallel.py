@@ -14,41 +14,44 @@ import json
 import os
 from collections.abc import Callable, Iterator
 
-PARALLEL_MODES = ("none", "data", "ulysses")
+CONTEXT_MODES = ("ulysses", "ring")  # each sample's tokens split over the ranks (ditcache.parallel.context_cli)
+PARALLEL_MODES = ("none", "data", *CONTEXT_MODES)
 BENCH_PARALLEL_MODES = ("none", "data")
 
 
 def generate_parallel(args: argparse.Namespace) -> int:
-    """`ditcache generate --parallel data|ulysses`."""
-    if args.parallel == "ulysses":
+    """`ditcache generate --parallel data|ulysses|ring`."""
+    _check_mode(args, "generate", PARALLEL_MODES)
+    if args.parallel in CONTEXT_MODES:
         from .parallel.context_cli import generate_context_parallel
 
-        return generate_context_parallel(args)
-    _check_data_mode(args, "generate")
+        return _in_group(lambda a, info: generate_context_parallel(a), args)
     return _in_group(_generate_data, args)
 
 
 def bench_parallel(args: argparse.Namespace) -> int:
     """`ditcache bench --parallel data`."""
-    _check_data_mode(args, "bench")
+    _check_mode(args, "bench", BENCH_PARALLEL_MODES)
     return _in_group(_bench_data, args)
 
 
-def _check_data_mode(args: argparse.Namespace, command: str) -> None:
+def _check_mode(args: argparse.Namespace, command: str, modes: tuple[str, ...]) -> None:
     """Clear errors before joining a group: wrong mode, a user pipeline, or no torchrun."""
     from .parallel import launched_by_torchrun
 
-    if args.parallel != "data":
-        raise ValueError(f"--parallel must be one of {', '.join(PARALLEL_MODES)} for {command}, got {args.parallel!r}")
+    mode = args.parallel
+    if mode not in modes or mode == "none":
+        raise ValueError(f"--parallel must be one of {', '.join(modes)} for {command}, got {mode!r}")
     if args.pipeline is not None:
         raise ValueError(
-            "--parallel data supports reference models (--model) only, not --pipeline; split your --prompts "
-            "file and run one `ditcache generate --pipeline ...` per device instead"
+            f"--parallel {mode} supports reference models (--model) only, not --pipeline; for your own pipeline "
+            "use ditcache.parallel in Python (docs/PARALLEL.md), or split your --prompts file and run one "
+            f"`ditcache {command} --pipeline ...` per device"
         )
     if not launched_by_torchrun():
         raise ValueError(
-            f"--parallel data needs one process per device: launch it with `torchrun --nproc_per_node N ditcache "
-            f"{command} --parallel data ...` (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set)"
+            f"--parallel {mode} needs one process per device: launch it with `torchrun --nproc_per_node N -m "
+            f"ditcache {command} --parallel {mode} ...` (RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set)"
         )
 
 

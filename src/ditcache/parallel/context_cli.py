@@ -22,18 +22,13 @@ DEGREES = {"ulysses": lambda world: {"ulysses_degree": world}, "ring": lambda wo
 
 
 def generate_context_parallel(args: argparse.Namespace) -> int:
-    """The `generate` command under context parallelism (`args.parallel` is "ulysses" or "ring")."""
+    """The `generate` command under context parallelism (`args.parallel` is "ulysses" or "ring"; the CLI has
+    checked the launch and refused `--pipeline`, `cli_parallel._check_mode`)."""
     from .. import apply
     from ..refmodels import RefPipeline, get_spec
     from ..refmodels.evaluate import balanced_labels, score
     from ..visual import save_samples
 
-    if getattr(args, "pipeline", None) is not None:
-        raise SystemExit(
-            f"--parallel {args.parallel} runs the reference models (--model); for your own pipeline call "
-            "ditcache.parallel.enable_context_parallel(pipe.transformer) and ditcache.apply(pipe, ...) in Python "
-            "(docs/PARALLEL.md), or use --parallel data"
-        )
     info = init_distributed()
     pipe = RefPipeline.from_pretrained(args.model)
     if not supports_context_parallel(pipe.transformer):
