@@ -21,7 +21,6 @@ from .cli_pipeline import (
     _generate_pipeline,
     _print_profile_summary,
     _reference_model,
-    split_policies,
 )
 from .registry import presets
 
@@ -76,9 +75,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return _generate_pipeline(args)
     _reference_model(args)
     from . import apply
+    from .cli_report import report_generation
     from .refmodels import RefPipeline, get_spec
-    from .refmodels.evaluate import balanced_labels, score
-    from .visual import save_samples
+    from .refmodels.evaluate import balanced_labels
 
     spec = get_spec(args.model)
     pipe = RefPipeline.from_pretrained(args.model)
@@ -99,18 +98,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         stats = handle.stats()
     finally:
         handle.remove()
-    written = save_samples(samples, args.out)
-    metrics = score(args.model, samples, labels, reference)
-    print(f"{args.model}, {args.steps} steps, policy {args.policy}: {seconds:.2f} s for {args.samples} samples")
-    if reference is not None:
-        print(f"wall-clock speedup {base_seconds / seconds:.2f}x, MACs speedup {stats.macs_speedup:.2f}x")
-    print(stats.summary())
-    print("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    print("wrote " + ", ".join(str(p) for p in written))
-    if args.json:
-        payload = {"seconds": seconds, "metrics": metrics, "stats": stats.to_dict(), "files": [str(p) for p in written]}
-        print(json.dumps(payload, indent=2, default=float))
-    return 0
+    base = base_seconds if reference is not None else None
+    return report_generation(args, samples, labels, reference, seconds, base, stats)
 
 
 def _cmd_train_ref(args: argparse.Namespace) -> int:
@@ -141,26 +130,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from .cli_parallel import bench_parallel
 
         return bench_parallel(args)
-    from .bench import BenchConfig, run_bench, write_files
+    from .bench import run_bench, write_files
     from .bench.report import report_markdown
-    from .bench.runner import DEFAULT_POLICIES
+    from .cli_report import bench_config, bench_selection
 
-    policies = split_policies(args.policies) if args.policies is not None else DEFAULT_POLICIES
-    fewer = tuple(int(n) for n in args.fewer_steps.split(",")) if args.fewer_steps else None
     if args.pipeline is not None:
-        return _bench_pipeline(args, policies, fewer)
+        return _bench_pipeline(args, *bench_selection(args))
     _reference_model(args)
-    config = BenchConfig(
-        model=args.model,
-        steps=args.steps,
-        policies=policies,
-        peers=args.peers,
-        samples=args.samples,
-        repeats=args.repeats,
-        seed=args.seed,
-        cfg_mode=args.cfg,
-        fewer_steps=fewer,
-    )
+    config = bench_config(args)
     result = run_bench(config)
     print(f"machine: {result.machine}")
     print(report_markdown(result))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 from collections.abc import Callable, Iterator
 
@@ -83,11 +82,11 @@ def _muted() -> Iterator[None]:
 
 
 def _generate_data(args: argparse.Namespace, info: object) -> int:
+    from .cli_report import report_generation
     from .parallel.data import generate_data_parallel
     from .refmodels import RefPipeline, get_spec
-    from .refmodels.evaluate import balanced_labels, score
+    from .refmodels.evaluate import balanced_labels
     from .registry import parse_policy
-    from .visual import save_samples
 
     parse_policy(args.policy)  # a bad name fails on every rank alike, before any generation
     pipe = RefPipeline.from_pretrained(args.model)
@@ -97,53 +96,31 @@ def _generate_data(args: argparse.Namespace, info: object) -> int:
     result = generate_data_parallel(pipe, labels, args.policy, info=info, **run)
     if result is None:  # not rank 0
         return 0
-    stats = result.stats
-    written = save_samples(result.samples, args.out)
-    metrics = score(args.model, result.samples, labels, None if reference is None else reference.samples)
     rows = [shard.rows for shard in result.shards]
     print(f"data parallel: {len(rows)} processes, samples per process {rows}")
-    if reference is not None:
-        print(f"uncached: {reference.seconds:.2f} s")
-    print(f"{args.model}, {args.steps} steps, policy {args.policy}: {result.seconds:.2f} s for {args.samples} samples")
     print("seconds per process: " + ", ".join(f"{s:.2f}" for s in result.rank_seconds))
     if reference is not None:
-        print(f"wall-clock speedup {reference.seconds / result.seconds:.2f}x, MACs speedup {stats.macs_speedup:.2f}x")
-    print(stats.summary())
-    print("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    print("wrote " + ", ".join(str(p) for p in written))
-    if args.json:
-        payload = {
-            "seconds": result.seconds,
-            "rank_seconds": list(result.rank_seconds),
-            "samples_per_rank": rows,
-            "metrics": metrics,
-            "stats": stats.to_dict(),
-            "files": [str(p) for p in written],
-        }
-        print(json.dumps(payload, indent=2, default=float))
-    return 0
+        print(f"uncached: {reference.seconds:.2f} s")
+    return report_generation(
+        args,
+        result.samples,
+        labels,
+        None if reference is None else reference.samples,
+        result.seconds,
+        None if reference is None else reference.seconds,
+        result.stats,
+        rank_seconds=list(result.rank_seconds),
+        samples_per_rank=rows,
+    )
 
 
 def _bench_data(args: argparse.Namespace, info: object) -> int:
-    from .bench import BenchConfig, write_files
+    from .bench import write_files
     from .bench.report import report_markdown
-    from .bench.runner import DEFAULT_POLICIES
-    from .cli_pipeline import split_policies
+    from .cli_report import bench_config
     from .parallel.data import bench_data_parallel
 
-    policies = split_policies(args.policies) if args.policies is not None else DEFAULT_POLICIES
-    fewer = tuple(int(n) for n in args.fewer_steps.split(",")) if args.fewer_steps else None
-    config = BenchConfig(
-        model=args.model,
-        steps=args.steps,
-        policies=policies,
-        peers=args.peers,
-        samples=args.samples,
-        repeats=args.repeats,
-        seed=args.seed,
-        cfg_mode=args.cfg,
-        fewer_steps=fewer,
-    )
+    config = bench_config(args)
     result = bench_data_parallel(config, info)
     if result is None:  # not rank 0
         return 0

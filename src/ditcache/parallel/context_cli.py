@@ -9,7 +9,6 @@ prints, scores and writes the samples.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -25,9 +24,9 @@ def generate_context_parallel(args: argparse.Namespace) -> int:
     """The `generate` command under context parallelism (`args.parallel` is "ulysses" or "ring"; the CLI has
     checked the launch and refused `--pipeline`, `cli_parallel._check_mode`)."""
     from .. import apply
+    from ..cli_report import report_generation
     from ..refmodels import RefPipeline, get_spec
-    from ..refmodels.evaluate import balanced_labels, score
-    from ..visual import save_samples
+    from ..refmodels.evaluate import balanced_labels
 
     info = init_distributed()
     pipe = RefPipeline.from_pretrained(args.model)
@@ -51,21 +50,10 @@ def generate_context_parallel(args: argparse.Namespace) -> int:
         handle.remove()
     if not info.is_main:
         return 0
-    written = save_samples(samples, args.out)
-    metrics = score(args.model, samples, labels, reference)
-    print(
-        f"{args.model}, {args.steps} steps, policy {args.policy}, --parallel {args.parallel} over "
-        f"{info.world_size} ranks: {seconds:.2f} s for {args.samples} samples"
-    )
+    print(f"context parallel: --parallel {args.parallel} over {info.world_size} ranks (MACs per rank)")
     if reference is not None:
-        print(f"wall-clock speedup {base_seconds / seconds:.2f}x, MACs speedup {stats.macs_speedup:.2f}x (per rank)")
-    print(stats.summary())
-    print("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    print("wrote " + ", ".join(str(p) for p in written))
-    if args.json:
-        payload = {"seconds": seconds, "metrics": metrics, "stats": stats.to_dict(), "files": [str(p) for p in written]}
-        print(json.dumps(payload, indent=2, default=float))
-    return 0
+        print(f"uncached: {base_seconds:.2f} s")
+    return report_generation(args, samples, labels, reference, seconds, base_seconds, stats, ranks=info.world_size)
 
 
 def _timed(generate: object) -> tuple[torch.Tensor, float]:
