@@ -97,3 +97,17 @@ def test_policy_list_splits_outside_parentheses():
         "mixcache-acc:granularities=('step','cfg')",
         "omnicache-traj-slow",
     )
+
+
+def test_taylorseer_peer_names_every_family_attention() -> None:
+    """diffusers TaylorSeer's default identifiers miss Wan's attn1 / attn2: the peer passes the adapter's."""
+    import re
+
+    from ditcache.bench.peers import taylorseer_identifiers
+    from ditcache.testing import tiny_model
+
+    for family, expected in (("wan", {"attn1", "attn2"}), ("flux", {"attn"}), ("latte", {"attn1", "attn2"})):
+        model = tiny_model(family)
+        patterns = taylorseer_identifiers(model)
+        matched = {name for name, _ in model.named_modules() if any(re.fullmatch(p, name) for p in patterns)}
+        assert matched and {name.rsplit(".", 1)[-1] for name in matched} == expected, family

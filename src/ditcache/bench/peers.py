@@ -30,6 +30,17 @@ def _diffusers_hook(label: str, steps: int, make_config: Any) -> Variant:
     return Variant(label=label, kind="peer", steps=steps, attach=attach)
 
 
+def taylorseer_identifiers(model: Any) -> list[str]:
+    """Every block's attention submodules, as diffusers TaylorSeer's `cache_identifiers` (regexes,
+    `re.fullmatch`): what its defaults mean to name (`^transformer_blocks.*attn`, ...), which match Flux's
+    `attn` but not Wan's or Latte's `attn1` / `attn2`, so those ran uncached (1.00x, measured)."""
+    from ..adapters import adapter_for
+
+    return [
+        rf"{spec.attr}\.\d+\.({'|'.join(spec.attention)})" for spec in adapter_for(model).block_lists if spec.attention
+    ]
+
+
 def calibrate_mag_ratios(pipe: Any, run: Any, steps: int) -> list[float]:
     """MagCache's calibration mode only prints its ratios; capture and parse them."""
     from diffusers import MagCacheConfig
@@ -59,7 +70,11 @@ def diffusers_peers(steps: int, mag_ratios: list[float] | None) -> list[Variant]
             f"diffusers TaylorSeer N={n}",
             steps,
             lambda pipe, n=n: TaylorSeerCacheConfig(
-                cache_interval=n, disable_cache_before_step=3, max_order=1, taylor_factors_dtype=None
+                cache_interval=n,
+                disable_cache_before_step=3,
+                max_order=1,
+                taylor_factors_dtype=None,
+                cache_identifiers=taylorseer_identifiers(pipe.transformer),
             ),
         )
         for n in (3, 5)
