@@ -86,6 +86,7 @@ def test_configs_are_frozen_plain_data():
         "cooldown_steps": 0,
         "reuse": "blocks",
         "forecast": "copy",
+        "computed": 1,
     }
     with pytest.raises(ValueError, match="interval"):
         config.replace(interval=0)

@@ -22,6 +22,7 @@ CLASSES = {
     "fora-hermite-1.5x": (33, (1.4, 1.6)),
     "fora-hermite-2x": (26, (1.85, 2.0)),
     "static-hermite-3x": (17, (2.9, 3.1)),
+    "fora-hermite-3of10": (16, (2.9, 3.2)),
 }
 
 
@@ -44,6 +45,21 @@ def test_the_3x_preset_computes_every_third_step_from_step_0_and_reuses_whole_ou
     config = ditcache.preset("static-hermite-3x")
     assert computed_steps(config) == list(range(0, STEPS, 3))
     assert (config.reuse, config.forecast) == ("output", "hermite")
+
+
+def test_3_of_10_spreads_its_computed_steps_evenly():
+    computed = computed_steps(ditcache.preset("fora-hermite-3of10"))
+    assert computed == [0, 1, 5, 8, 11, 15, 18, 21, 25, 28, 31, 35, 38, 41, 45, 48]
+    gaps = {b - a for a, b in zip(computed[1:], computed[2:])}
+    assert gaps == {3, 4}  # 3 of every 10: gaps of 3, 3, 4
+
+
+def test_computed_one_is_plain_fora_and_out_of_range_is_refused():
+    plain = ditcache.StaticIntervalConfig(interval=3, warmup_steps=2)
+    assert computed_steps(plain.replace(computed=1)) == computed_steps(plain) == [0, 1, *range(2, STEPS, 3)]
+    assert computed_steps(plain.replace(computed=3)) == list(range(STEPS))  # every step of every 3
+    with pytest.raises(ValueError, match=r"computed must be in \[1, 3\]"):
+        plain.replace(computed=4)
 
 
 @pytest.mark.parametrize("name", CLASSES)

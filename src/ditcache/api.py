@@ -84,7 +84,7 @@ def apply(target: Any, config: PolicyConfig | str) -> CacheHandle | PipelineCach
         >>> model = tiny_model("flux")
         >>> handle = ditcache.apply(model, "static-2:warmup_steps=1")
         >>> handle.config
-        StaticIntervalConfig(interval=2, warmup_steps=1, cooldown_steps=0, reuse='output', forecast='copy')
+        StaticIntervalConfig(interval=2, warmup_steps=1, cooldown_steps=0, reuse='output', forecast='copy', computed=1)
         >>> _ = euler_sample(model, "flux", tiny_inputs("flux"), steps=4, handle=handle)
         >>> [record.step for record in handle.records() if record.kind == "reused"]
         [2]
