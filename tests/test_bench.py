@@ -90,7 +90,7 @@ def test_unknown_policy_is_a_clear_error():
 
 
 def test_policy_list_splits_outside_parentheses():
-    from ditcache.cli import split_policies
+    from ditcache.cli_pipeline import split_policies
 
     assert split_policies("fora-2,mixcache-acc:granularities=('step','cfg'),omnicache-traj-slow") == (
         "fora-2",
