@@ -13,8 +13,7 @@ from diffusers import LatteTransformer3DModel
 import ditcache
 from ditcache.engine.calls import BlockCall
 from ditcache.engine.macs import measure_costs
-from ditcache.policies.omnicache_hierarchical import plan_block
-from ditcache.policies.omnicache_matching import Geometry, bipartite_match, layout, matching_macs
+from ditcache.policies.omnicache_matching import Geometry, bipartite_match, layout, matching_macs, plan_block
 from ditcache.testing import TINY_MODELS, euler_sample, tiny_inputs, tiny_model, tiny_uncond_inputs
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -126,7 +126,7 @@ def _apply_one(model: torch.nn.Module, config: PolicyConfig, scheduler: Any) -> 
     if not isinstance(config, PolicyConfig):
         raise TypeError(f"resolve() must return a PolicyConfig, got {type(config).__name__}")
     check_applicable(config, adapter)  # what the method needs from the model (ditcache.applicability)
-    check_context_parallel(config, model)  # token subsets are not synchronised across ranks
+    check_context_parallel(config, model)  # what cannot run with its tokens sharded over ranks
     policy = policy_for(config)(config, adapter)
     engine = Engine(model, adapter, policy, scheduler)
     with compiling_with(compiler):

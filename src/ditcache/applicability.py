@@ -106,24 +106,19 @@ def check_applicable(config: PolicyConfig, adapter: ModelAdapter) -> None:
         )
 
 
-# Under context parallelism a rank's blocks hold a shard of the tokens: a token subset chosen per shard is not
-# the subset one process would choose, and Ulysses' all-to-all needs the same number of tokens on every rank.
-CONTEXT_PARALLEL_UNSUPPORTED = frozenset({"token_subsets"})
-
-
 def check_context_parallel(config: PolicyConfig, model: torch.nn.Module) -> None:
-    """Raise `TypeError` when the model runs under context parallelism (a decision group is set) and the
-    config's method works on token subsets, which this release does not synchronise across ranks."""
-    from .engine.decisions import Sharding, decision_group
+    """Raise `TypeError` when the model's tokens are sharded over ranks (a TOKENS decision group) and the config
+    cannot run that way. Token-level methods select inside one band per rank (`engine/token_bands.py`); a
+    TokenCache predictor is a copy of a block whose attention must reach every rank's tokens, which needs
+    diffusers' context parallelism (its parallel config), not only a decision group set by hand."""
+    from .engine.decisions import Sharding, context_parallel_config, decision_group
 
     group = decision_group(model)
-    if group is None or group.sharding is not Sharding.TOKENS:
+    if group is None or group.sharding is not Sharding.TOKENS or "token_subsets" not in requirements(config):
         return
-    blocked = sorted(CONTEXT_PARALLEL_UNSUPPORTED.intersection(requirements(config)))
-    if blocked:
+    if getattr(config, "selection", None) == "learned" and context_parallel_config(model) is None:
         raise TypeError(
-            f"{type(config).__name__} does not apply under context parallelism: it needs {', '.join(blocked)} "
-            "(each rank would pick its tokens from its own shard); use a step- or block-level method "
-            "(fora-*, static-*, teacache-*, precisecache-*, mixcache-*, omnicache-traj-*, omnicache-layered-*) "
-            "or --parallel data"
+            f"{type(config).__name__} with selection='learned' under a sequence-parallel decision group needs "
+            "diffusers' context parallelism (ditcache.parallel.enable_context_parallel) so that its predictor "
+            "attends to every rank's tokens; use selection='norm' or 'random', or --parallel data"
         )

@@ -132,3 +132,21 @@ class DecisionSync:
         if not self.reduces(model_level):
             return float(torch.linalg.vector_norm(t))
         return self.norm([t], model_level)
+
+    def token_shards(self) -> tuple[int, int]:
+        """(ranks sharing each sample's tokens, this rank's place among them): the group under TOKENS sharding,
+        else (1, 0). Token-level methods select inside one band per shard (`engine/token_bands.py`)."""
+        if not self.active or self.group.sharding is not Sharding.TOKENS:
+            return 1, 0
+        return dist.get_world_size(self.group.group), dist.get_rank(self.group.group)
+
+    def gather_tokens(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """`t`, a per-token tensor of this rank's shard, concatenated along `dim` over the ranks sharing the
+        tokens, in shard order (the whole sequence, identical on every rank); `t` itself without such ranks."""
+        ranks, _ = self.token_shards()
+        if ranks == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(ranks)]
+        dist.all_gather(parts, t.contiguous(), group=self.group.group)
+        self.reductions += 1
+        return torch.cat(parts, dim=dim)

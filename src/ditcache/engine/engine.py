@@ -275,8 +275,11 @@ class Engine:
     def _block_cost(self, key: tuple) -> int:
         if key not in self._block_costs:
             block, args, kwargs = self._block_examples.pop(key)
+            # Under context parallelism the example holds shard-local arguments: calling the module would pass
+            # them through diffusers' split hooks a second time, so the class forward runs beneath them.
+            forward = block if self.context_parallel is None else functools.partial(type(block).forward, block)
             with self.bypassed():
-                self._block_costs[key] = measure_costs(lambda: block(*args, **kwargs), block, []).total
+                self._block_costs[key] = measure_costs(lambda: forward(*args, **kwargs), block, []).total
         return self._block_costs[key]
 
     @property

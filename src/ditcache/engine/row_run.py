@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .calls import shape_key
-from .token_run import _map_tensors, _take_rows, _token_args, full_bases
+from .token_run import _map_tensors, _take_rows, _token_args, full_bases, tokens_sharded
 from .tokens import check_index, gather_tokens
 
 if TYPE_CHECKING:
@@ -101,6 +101,8 @@ def _groups(
         return [(None, rows, index)]
     if all(arg.batch != "shared" for arg in _token_args(call)):
         return [(None, rows, index)]
+    if tokens_sharded(call):  # the same block calls on every rank (`token_run.tokens_sharded`)
+        return [(i, rows[i : i + 1], index[i]) for i in range(len(rows))]
     unique, inverse = torch.unique(index, dim=0, return_inverse=True)
     return [(g, rows[inverse == g], unique[g]) for g in range(len(unique))]
 

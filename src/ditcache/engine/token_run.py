@@ -70,12 +70,22 @@ def _row_groups(call: BlockCall, index: torch.Tensor) -> list[tuple[torch.Tensor
     axis split the batch into groups of rows with identical indices."""
     if index.ndim == 1:
         return [(None, index)]
+    shared_arg = any(arg.batch == "shared" for arg in _token_args(call))
+    if shared_arg and tokens_sharded(call):
+        return [(torch.tensor([row]), index[row]) for row in range(index.shape[0])]
     unique, inverse = torch.unique(index, dim=0, return_inverse=True)
     if len(unique) == 1:
         return [(None, unique[0])]
-    if all(arg.batch != "shared" for arg in _token_args(call)):
+    if not shared_arg:
         return [(None, index)]
     return [((inverse == g).nonzero().flatten(), unique[g]) for g in range(len(unique))]
+
+
+def tokens_sharded(call: BlockCall) -> bool:
+    """Whether the block's tokens are sharded over ranks (context parallelism). Every rank must then run the
+    same sequence of block calls (each pairs its attention all-to-all with the other ranks'), so rows whose
+    token subsets differ run one by one in row order, not grouped by what each rank's subsets share."""
+    return call.forward.decisions.token_shards()[0] > 1
 
 
 def _run_rows(call: BlockCall, rows: torch.Tensor | None, index: torch.Tensor, bases: Outputs) -> Outputs:

@@ -29,9 +29,10 @@ from ..calibration.profiles import Profile, find_profile
 from ..config import PolicyConfig, check_choice, check_float, check_int
 from ..engine.calls import BlockCall, BlockRef, ForwardCall
 from ..engine.state import BranchState
+from ..engine.token_bands import TokenBands, band_grid, from_bands, merge_band_index, to_bands
 from ..registry import register_policy, register_preset
 from .base import Policy
-from .omnicache_matching import Geometry, Match, bipartite_match, copy_to_sources, layout, merge_inputs
+from .omnicache_matching import BlockPlan, Match, bipartite_match, copy_to_sources, layout, merge_inputs, plan_block
 
 METHOD = "omnicache-layered"
 MODES = ("refill", "residual", "merge")
@@ -92,6 +93,11 @@ class OmniCacheHierarchicalConfig(PolicyConfig):
             Path of a layered profile JSON; `None` = the profile found for the model and the step count.
         seed (`int`, defaults to `0`):
             Seed of the random destinations (drawn per step and layer, the same for every batch row), >= 0.
+        token_bands (`int`, defaults to `1`):
+            Match tokens inside this many equal contiguous parts of the token sequence (whole frames of a video,
+            rows of an image), each skipping the same count (`engine/token_bands.py`), in [1, 64]. Under context
+            parallelism each rank holds one band (1 = one per rank); in one process `token_bands=N` makes the
+            choices of an N-rank context-parallel run. The frame and block caches are not banded.
 
     Example:
         >>> import ditcache
@@ -123,6 +129,7 @@ class OmniCacheHierarchicalConfig(PolicyConfig):
     layered_speedup: float | None = None
     profile: str | None = None
     seed: int = 0
+    token_bands: int = 1
 
     def __post_init__(self) -> None:
         check_float("token_ratio", self.token_ratio, 0.0, 0.75)
@@ -141,6 +148,7 @@ class OmniCacheHierarchicalConfig(PolicyConfig):
         if self.profile is not None and not isinstance(self.profile, str):
             raise ValueError(f"profile must be None or a path string, got {self.profile!r}")
         check_int("seed", self.seed, 0)
+        check_int("token_bands", self.token_bands, 1, 64)
 
     @property
     def caches_tokens(self) -> bool:
@@ -152,53 +160,6 @@ def default_skip(interleaved: bool, layers: int) -> int:
     if interleaved:
         return 1
     return int(layers / 6 + 0.5) if layers >= 3 else 0
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockPlan:
-    """What one block call skips: rows (frames / positions: `row_geometry` over `samples` groups of rows) and
-    tokens inside the computed rows (`token_geometry`), with the counts r per sample / per row."""
-
-    samples: int
-    row_geometry: Geometry | None
-    row_r: int
-    token_geometry: Geometry | None
-    token_r: int
-
-
-def plan_block(
-    kind: str, rows: int, tokens: int, grid: LatentGrid, config: OmniCacheHierarchicalConfig
-) -> BlockPlan | None:
-    """The caches a block of `kind` with a (rows, tokens) stream applies on `grid`; None when none applies."""
-    f, h, w, k = grid.frames, grid.height, grid.width, config.groups
-    if h % k or w % k:
-        raise ValueError(f"groups={k} must divide the token grid's height {h} and width {w}")
-    token_group = (1, h // k, w // k)
-
-    def count(ratio: float, elements: int) -> int:
-        return int(ratio * elements + 0.5)
-
-    if kind == "temporal":
-        if tokens != f or rows % (h * w) or not config.block_ratio:
-            return None
-        geometry = Geometry((1, h, w), (1, 2, 2), token_group)
-        return BlockPlan(rows // (h * w), geometry, count(config.block_ratio, h * w), None, 0)
-    if kind == "spatial" and tokens == h * w:
-        frames = f if f > 1 and rows % f == 0 else 1
-        row_geometry = Geometry((frames, 1, 1), (2, 1, 1), (frames, 1, 1)) if frames > 1 else None
-        row_r = count(config.frame_ratio, frames) if row_geometry else 0
-        token_geometry = Geometry((1, h, w), (1, 2, 2), token_group)
-        token_r = count(config.token_ratio, tokens)
-    elif kind in ("joint", "spatiotemporal", "spatial") and tokens == f * h * w:
-        order = "ahw" if grid.order == "fhw" else "hwa"
-        token_geometry = Geometry((f, h, w), (1, 2, 2), token_group, order)
-        row_geometry, row_r, frames = None, 0, 1
-        token_r = count(config.token_ratio, tokens)
-    else:
-        return None
-    if not row_r and not token_r:
-        return None
-    return BlockPlan(rows // frames, row_geometry, row_r, token_geometry if token_r else None, token_r)
 
 
 @dataclasses.dataclass
@@ -283,8 +244,11 @@ class OmniCacheHierarchicalPolicy(Policy):
         position, name = call.ref.position, call.ref.spec.token_stream
         if position not in self._cached or not config.caches_tokens:
             return call.run()
-        x = call.arguments[name]
-        plan = plan_block(call.ref.spec.kind, x.shape[0], x.shape[1], state.grid, config)
+        x, kind = call.arguments[name], call.ref.spec.kind
+        # token bands split the token axis; temporal layers' tokens are frames, never sharded
+        bands = TokenBands.resolve(config.token_bands, call.forward.decisions) if kind != "temporal" else TokenBands()
+        size = bands.size(x.shape[1])
+        plan = plan_block(kind, x.shape[0], size, band_grid(state.grid, size * bands.total, bands.total), config)
         if plan is None:
             return call.run()
         previous = state.outputs.get(position)
@@ -292,13 +256,13 @@ class OmniCacheHierarchicalPolicy(Policy):
         if call.info.step < config.warmup_steps or (reuses and (previous is None or previous.shape != x.shape)):
             output = call.run()
         else:
-            output = self._cached_run(call, plan, previous)
+            output = self._cached_run(call, plan, previous, bands.local)
         if reuses:  # the layer's output ("refill") or its update ("residual"), for the next step
             fresh = call.outputs_of(output)[name]
             state.outputs[position] = call.forward.store(fresh if config.mode == "refill" else fresh - x)
         return output
 
-    def _cached_run(self, call: BlockCall, plan: BlockPlan, previous: torch.Tensor | None) -> Any:
+    def _cached_run(self, call: BlockCall, plan: BlockPlan, previous: torch.Tensor | None, bands: int) -> Any:
         name = call.ref.spec.token_stream
         x = call.arguments[name]
         generator = torch.Generator().manual_seed(self._seed(call))
@@ -312,13 +276,16 @@ class OmniCacheHierarchicalPolicy(Policy):
             rows = (kept + per_sample * torch.arange(plan.samples, device=kept.device)[:, None]).flatten()
         if plan.token_r:
             computed = x if rows is None else x.index_select(0, rows.to(x.device))
-            token_match = bipartite_match(computed, layout(plan.token_geometry, generator), plan.token_r)
-            index = token_match.kept(x.shape[1])
+            size = x.shape[1] // bands  # each band matches on its own, with the same layout
+            token_match = bipartite_match(
+                to_bands(computed, bands), layout(plan.token_geometry, generator), plan.token_r
+            )
+            index = merge_band_index(token_match.kept(size), bands, size)
         if self.config.mode == "refill":
             return call.run_rows(rows, previous, index)
         if self.config.mode == "residual":
             return call.run_rows(rows, x + previous, index)
-        return self._merge_run(call, plan, rows, index, row_match, token_match)
+        return self._merge_run(call, plan, rows, index, row_match, token_match, bands)
 
     def _merge_run(
         self,
@@ -328,6 +295,7 @@ class OmniCacheHierarchicalPolicy(Policy):
         index: torch.Tensor | None,
         row_match: Match | None,
         token_match: Match | None,
+        bands: int,
     ) -> Any:
         """ToMe-style: run on merged inputs (destinations = mean with their sources), copy outputs to sources."""
         name = call.ref.spec.token_stream
@@ -337,20 +305,21 @@ class OmniCacheHierarchicalPolicy(Policy):
             merged = merge_inputs(x.reshape(plan.samples, -1, x[0].numel()), row_match).reshape(x.shape)
         if token_match is not None:
             if rows is None:
-                merged = merge_inputs(merged, token_match)
+                merged = _in_bands(merge_inputs, merged, token_match, bands)
             else:
                 device_rows = rows.to(x.device)
                 merged = merged.index_copy(
-                    0, device_rows, merge_inputs(merged.index_select(0, device_rows), token_match)
+                    0, device_rows, _in_bands(merge_inputs, merged.index_select(0, device_rows), token_match, bands)
                 )
         values = call.outputs_of(call.run_rows(rows, x, index, stream=merged))
         y = values[name]
         if token_match is not None:
             if rows is None:
-                y = copy_to_sources(y, token_match)
+                y = _in_bands(copy_to_sources, y, token_match, bands)
             else:
                 device_rows = rows.to(y.device)
-                y = y.index_copy(0, device_rows, copy_to_sources(y.index_select(0, device_rows), token_match))
+                picked = y.index_select(0, device_rows)
+                y = y.index_copy(0, device_rows, _in_bands(copy_to_sources, picked, token_match, bands))
         if row_match is not None:
             y = copy_to_sources(y.reshape(plan.samples, -1, y[0].numel()), row_match).reshape(x.shape)
         values[name] = y
@@ -358,6 +327,11 @@ class OmniCacheHierarchicalPolicy(Policy):
 
     def _seed(self, call: BlockCall) -> int:
         return (self.config.seed * 1_000_003 + call.info.step * 1_009 + call.ref.position) % (2**63)
+
+
+def _in_bands(fn: Any, x: torch.Tensor, match: Match, bands: int) -> torch.Tensor:
+    """`fn(x, match)` (merge / copy over a token match made per band) on each band of `x` as a row of its own."""
+    return from_bands(fn(to_bands(x, bands), match), bands)
 
 
 PRESET_HELP = "OmniCache (hierarchical): frame / block / token caches at the paper's ratios (30/40/20%)"

@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..adapters import LatentGrid
 from ..kernels import merge_mean, scatter_rows_tokens
+
+if TYPE_CHECKING:
+    from .omnicache_hierarchical import OmniCacheHierarchicalConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,3 +167,50 @@ def copy_to_sources(output: torch.Tensor, match: Match) -> torch.Tensor:
     """ToMe-style unmerge: each merged source takes its destination's output."""
     fresh = output.gather(1, match.dst.unsqueeze(-1).expand(-1, -1, output.shape[-1]))
     return scatter_rows_tokens(output, match.src, fresh)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    """What one block call skips: rows (frames / positions: `row_geometry` over `samples` groups of rows) and
+    tokens inside the computed rows (`token_geometry`), with the counts r per sample / per row."""
+
+    samples: int
+    row_geometry: Geometry | None
+    row_r: int
+    token_geometry: Geometry | None
+    token_r: int
+
+
+def plan_block(
+    kind: str, rows: int, tokens: int, grid: LatentGrid, config: OmniCacheHierarchicalConfig
+) -> BlockPlan | None:
+    """The caches a block of `kind` with a (rows, tokens) stream applies on `grid`; None when none applies."""
+    f, h, w, k = grid.frames, grid.height, grid.width, config.groups
+    if h % k or w % k:
+        raise ValueError(f"groups={k} must divide the token grid's height {h} and width {w}")
+    token_group = (1, h // k, w // k)
+
+    def count(ratio: float, elements: int) -> int:
+        return int(ratio * elements + 0.5)
+
+    if kind == "temporal":
+        if tokens != f or rows % (h * w) or not config.block_ratio:
+            return None
+        geometry = Geometry((1, h, w), (1, 2, 2), token_group)
+        return BlockPlan(rows // (h * w), geometry, count(config.block_ratio, h * w), None, 0)
+    if kind == "spatial" and tokens == h * w:
+        frames = f if f > 1 and rows % f == 0 else 1
+        row_geometry = Geometry((frames, 1, 1), (2, 1, 1), (frames, 1, 1)) if frames > 1 else None
+        row_r = count(config.frame_ratio, frames) if row_geometry else 0
+        token_geometry = Geometry((1, h, w), (1, 2, 2), token_group)
+        token_r = count(config.token_ratio, tokens)
+    elif kind in ("joint", "spatiotemporal", "spatial") and tokens == f * h * w:
+        order = "ahw" if grid.order == "fhw" else "hwa"
+        token_geometry = Geometry((f, h, w), (1, 2, 2), token_group, order)
+        row_geometry, row_r, frames = None, 0, 1
+        token_r = count(config.token_ratio, tokens)
+    else:
+        return None
+    if not row_r and not token_r:
+        return None
+    return BlockPlan(rows // frames, row_geometry, row_r, token_geometry if token_r else None, token_r)

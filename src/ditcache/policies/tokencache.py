@@ -25,6 +25,7 @@ import torch
 from ..config import PolicyConfig, check_bool, check_choice, check_float, check_int
 from ..engine.calls import BlockCall, ForwardCall, shape_key
 from ..engine.state import BranchState
+from ..engine.token_bands import ShardedLike, TokenBands
 from ..registry import register_policy, register_preset
 from .base import Policy
 from .tokencache_attention import attend_to_all_tokens, supports_full_context
@@ -88,6 +89,11 @@ class TokenCacheConfig(PolicyConfig):
             efficiency 0.52 per row, 0.85 shared).
         seed (`int`, defaults to `0`):
             Seed of `selection="random"`, >= 0.
+        token_bands (`int`, defaults to `1`):
+            Select tokens inside this many equal contiguous parts of the token sequence, the same count in each
+            (`engine/token_bands.py`), in [1, 64]. Under context parallelism each rank holds one band (1 = one
+            per rank; more must be a multiple of the ranks); in one process, `token_bands=N` makes exactly the
+            choices of an N-rank context-parallel run. The Eq. 12 allocation stays global.
         profile (`str`, *optional*, defaults to `None`):
             Path of a TokenCache profile JSON (its weights file next to it); `None` = the profile made for this
             model and step count in the profile directories.
@@ -125,6 +131,7 @@ class TokenCacheConfig(PolicyConfig):
     attention: str = "auto"
     per_row: bool = True
     seed: int = 0
+    token_bands: int = 1
     profile: str | None = None
 
     def __post_init__(self) -> None:
@@ -145,6 +152,7 @@ class TokenCacheConfig(PolicyConfig):
         check_choice("attention", self.attention, ATTENTIONS)
         check_bool("per_row", self.per_row)
         check_int("seed", self.seed, 0)
+        check_int("token_bands", self.token_bands, 1, 64)
         if self.profile is not None and not isinstance(self.profile, str):
             raise ValueError(f"profile must be None or a path string, got {self.profile!r}")
 
@@ -167,7 +175,8 @@ class TokenCacheState(BranchState):
     updates: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # block position -> (rows, N, C)
     stream_shape: tuple[int, ...] | None = None  # block 0's token stream shape at the last I-step
     p_step: bool = False
-    counts: dict[int, int] = dataclasses.field(default_factory=dict)  # position -> tokens each row updates
+    counts: dict[int, int] = dataclasses.field(default_factory=dict)  # position -> tokens updated per band
+    bands: TokenBands = TokenBands()  # this P-step's selection bands (one per context-parallel rank)
     scores: torch.Tensor | None = None  # (rows, N, num_blocks) predictor scores of this P-step
     refine: bool = False  # this P-step caches something: refiners run with LoRA
 
@@ -241,7 +250,8 @@ class TokenCachePolicy(Policy):
         lora = loaded.lora if config.lora and loaded.lora is not None and refiners > 0 else None
         if lora is not None and not lora.positions & set(range(num_blocks - refiners, num_blocks)):
             lora = None
-        predictor = loaded.predictor if config.selection == "learned" else None
+        # the predictor (a copy of block 0) attends like the blocks: over every rank's tokens under Ulysses
+        predictor = ShardedLike(self.model_view.model, loaded.predictor) if config.selection == "learned" else None
         return Setup(steps, refiners, full_context, predictor, lora)
 
     # ------------------------------------------------------------------ hooks
@@ -277,7 +287,7 @@ class TokenCachePolicy(Policy):
         update = call.forward.fetch(state.updates.get(position))  # from cache_dtype / cache_device, if set
         if not cacheable or update is None or update.shape != stream.shape:
             return call.run()
-        keep = state.counts.get(position, stream.shape[1])
+        keep = state.counts.get(position, state.bands.size(stream.shape[1]))
         index = self._index(call, state, position, keep, update)
         output, state.updates[position] = run_cached_block(call, index, update, setup.full_context)
         return output
@@ -290,31 +300,40 @@ class TokenCachePolicy(Policy):
         return state.stream_shape is None or tuple(stream.shape) == state.stream_shape
 
     def _plan(self, call: BlockCall, setup: Setup, state: TokenCacheState, stream: torch.Tensor) -> None:
-        """Once per P-step, at block 0: tokens each row updates per cacheable block (Eq. 12 or uniform)."""
+        """Once per P-step, at block 0: tokens each row updates in each band of every cacheable block (Eq. 12
+        over every rank's scores, or uniform)."""
         positions = sorted(state.updates)
-        tokens = stream.shape[1]
+        decisions = call.forward.decisions
+        state.bands = bands = TokenBands.resolve(self.config.token_bands, decisions)
+        tokens = bands.size(stream.shape[1]) * bands.total  # the whole sequence, over every rank
         if setup.predictor is not None:
-            scores = predict_scores(call, setup.predictor)
-            state.scores = scores
-            counts, _ = block_keep_counts(scores[..., positions], self.config.ratio)
+            state.scores = scores = predict_scores(call, setup.predictor)
+            counts, _ = block_keep_counts(decisions.gather_tokens(scores)[..., positions], self.config.ratio)
         else:
             counts = uniform_keep_counts(tokens, len(positions), self.config.ratio)
-        state.counts = dict(zip(positions, counts))
-        state.refine = any(k < tokens for k in counts)
-        self.trace.append((call.info.step, call.info.branch, counts))
+        size = tokens // bands.total
+        state.counts = {p: min(size, int(round(k / bands.total))) for p, k in zip(positions, counts)}
+        state.refine = any(k < size for k in state.counts.values())
+        self.trace.append((call.info.step, call.info.branch, [state.counts[p] * bands.total for p in positions]))
 
     def _index(
         self, call: BlockCall, state: TokenCacheState, position: int, keep: int, update: torch.Tensor
     ) -> torch.Tensor:
-        tokens = update.shape[1]
-        selection = self.config.selection
-        per_row = self.config.per_row
+        selection, per_row, bands = self.config.selection, self.config.per_row, state.bands
         if selection == "learned" and state.scores is not None:
-            return choose_tokens(state.scores[..., position], keep, per_row)
+            return choose_tokens(state.scores[..., position], keep, per_row, bands.local)
         if selection == "norm":
-            return choose_tokens(update.float().norm(dim=-1), keep, per_row)
+            return choose_tokens(update.float().norm(dim=-1), keep, per_row, bands.local)
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + call.info.step * 1009 + position)
-        return torch.randperm(tokens, generator=generator)[:keep].sort().values.to(update.device)
+        tokens = update.shape[1]
+        if bands.total == 1:
+            return torch.randperm(tokens, generator=generator)[:keep].sort().values.to(update.device)
+        # one permutation of the whole sequence (the same on every rank), as scores: earlier = higher
+        size = bands.size(tokens)
+        order = torch.randperm(size * bands.total, generator=generator)
+        ranks = torch.empty(order.shape, dtype=torch.float32).index_put_((order,), -torch.arange(order.numel()).float())
+        local = ranks[bands.first * size : bands.first * size + tokens].to(update.device)
+        return choose_tokens(local[None], keep, False, bands.local)
 
 
 # ------------------------------------------------------------------ shared with training (calibration/tokencache.py)

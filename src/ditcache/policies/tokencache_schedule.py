@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..engine.token_bands import merge_band_index, to_bands
+
 ISTEP_SCHEDULES = ("eq13", "uniform")
 
 
@@ -63,16 +65,24 @@ def top_tokens(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order.sort(dim=-1).values
 
 
-def choose_tokens(scores: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
+def choose_tokens(scores: torch.Tensor, k: int, per_row: bool, bands: int = 1) -> torch.Tensor:
     """The tokens a block updates: per row, (rows, k) (`top_tokens`), or one set for every row, (k,), from the
-    row-averaged scores (one batched subset run where per-row subsets would run row by row).
+    row-averaged scores (one batched subset run where per-row subsets would run row by row). With `bands` > 1,
+    the k best of each of `bands` equal contiguous parts of the tokens (`engine/token_bands.py`), band after band.
 
     >>> choose_tokens(torch.tensor([[0.1, 0.9, 0.5], [0.8, 0.2, 0.6]]), 1, per_row=False)
     tensor([2])
+    >>> choose_tokens(torch.tensor([[0.9, 0.8, 0.1, 0.2]]), 1, per_row=True, bands=2)  # best of each half
+    tensor([[0, 3]])
     """
-    if per_row:
-        return top_tokens(scores, k)
-    return top_tokens(scores.float().mean(dim=0, keepdim=True), k)[0]
+    if not per_row:
+        scores = scores.float().mean(dim=0, keepdim=True)
+    if bands == 1:
+        index = top_tokens(scores, k)
+    else:
+        size = scores.shape[-1] // bands
+        index = merge_band_index(top_tokens(to_bands(scores, bands), k), bands, size)
+    return index if per_row else index[0]
 
 
 def istep_schedule(mean_scores: Sequence[float], full_steps: int, beta: float = 0.0, mode: str = "eq13") -> list[int]:
