@@ -75,9 +75,10 @@ def from_bands(x: torch.Tensor, bands: int) -> torch.Tensor:
 def merge_band_index(index: torch.Tensor, bands: int, size: int) -> torch.Tensor:
     """(rows * bands, k) indices inside each band of `size` tokens -> (rows, bands * k) indices into the stream,
     ascending (band b's tokens after band b - 1's)."""
+    rows = index.shape[0] // bands
     offsets = torch.arange(bands, device=index.device) * size  # (bands,)
-    banded = index.reshape(-1, bands, index.shape[-1]) + offsets[:, None]
-    return banded.reshape(banded.shape[0], -1)
+    banded = index.reshape(rows, bands, index.shape[-1]) + offsets[:, None]
+    return banded.reshape(rows, bands * index.shape[-1])
 
 
 def band_grid(grid: LatentGrid, tokens: int, bands: int) -> LatentGrid:

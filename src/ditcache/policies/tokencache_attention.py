@@ -67,8 +67,11 @@ class _WanFullContext:
     """A `WanAttnProcessor` stand-in for self-attention: queries from the running tokens (their rotary
     positions), keys / values from `context` (every token, all positions)."""
 
-    def __init__(self, context: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def __init__(self, context: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], replaced: Any) -> None:
         self.context, self.rotary = context, rotary
+        # under context parallelism, attend like the replaced processor: over every rank's tokens (Ulysses)
+        self.parallel = getattr(replaced, "_parallel_config", None)
+        self.backend = getattr(replaced, "_attention_backend", None)
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
                  attention_mask: Any = None, rotary_emb: Any = None) -> torch.Tensor:  # fmt: skip
@@ -79,10 +82,15 @@ class _WanFullContext:
         if rotary_emb is not None:
             query = _rotate(query, *rotary_emb)
             key = _rotate(key, *self.rotary)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        )
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        if self.parallel is None:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+            ).transpose(1, 2)
+        else:
+            from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+            out = dispatch_attention_fn(query, key, value, backend=self.backend, parallel_config=self.parallel)
+        out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -111,7 +119,7 @@ def attend_to_all_tokens(call: BlockCall, index: torch.Tensor) -> Iterator[None]
     attention = block.attn1
     if adapter.name == "wan":
         saved = attention.processor
-        attention.processor = _WanFullContext(context, call.arguments["rotary_emb"])
+        attention.processor = _WanFullContext(context, call.arguments["rotary_emb"], saved)
         try:
             yield
         finally:
