@@ -29,7 +29,19 @@ from ditcache.refmodels.evaluate import balanced_labels
 STEPS, SAMPLES = 6, 3  # 3 samples over 2 ranks: uneven shards (2, 1)
 # Static schedules, and dynamic methods whose statistics are all-reduced over the ranks (DecisionSync,
 # Sharding.ROWS): the whole batch's decisions.
-BATCH_POLICIES = ("none", "fora-2", "teacache-0.1", "teacache-0.3", "precisecache-turbo")
+# Token-level methods: OmniCache matches per row; TokenCache's tokens shared by the rows (per_row=False) and its
+# Eq. 12 allocation come from every rank's rows (DecisionSync.gather_rows).
+SHARED_TOKENS = "tokencache:selection=norm:schedule=uniform:refiners=1:lora=False:full_steps=2:per_row=False"
+BATCH_POLICIES = (
+    "none",
+    "fora-2",
+    "teacache-0.1",
+    "teacache-0.3",
+    "precisecache-turbo",
+    "omnicache-hier",
+    SHARED_TOKENS,
+)
+LEARNED_STEPS = 50  # TokenCache's learned predictor: the shipped ref-image profile is for 50 steps
 SHARDED_DECIDES_OTHERWISE = "precisecache-turbo"  # on shard 0 alone it skips a step; on the whole batch none
 # Another batch size blocks float32 matmuls differently (and torchrun runs 1 thread per process): measured max
 # abs diff ~1.1e-5 for identical decisions; a different decision moves samples by > 0.1.
@@ -55,6 +67,9 @@ def _worker(out: Path) -> None:
         results[policy] = generate_data_parallel(pipe, labels, policy, num_inference_steps=STEPS, info=info)
     results["one-sample"] = generate_data_parallel(
         pipe, labels[:1], "teacache-0.3", num_inference_steps=STEPS, info=info
+    )
+    results["tokencache"] = generate_data_parallel(
+        pipe, labels, "tokencache", num_inference_steps=LEARNED_STEPS, info=info
     )
     bench = bench_data_parallel(BenchConfig(**BENCH), info)
     if info.is_main:  # JSON and safetensors: nothing here is pickled
@@ -130,10 +145,10 @@ def pipe():
     return RefPipeline.from_pretrained("ref-image")
 
 
-def _one_process(pipe, labels, policy, latents=None):
+def _one_process(pipe, labels, policy, latents=None, steps=STEPS):
     handle = ditcache.apply(pipe, policy)
     try:
-        samples = pipe(labels, num_inference_steps=STEPS, latents=latents)
+        samples = pipe(labels, num_inference_steps=steps, latents=latents)
         return samples, handle.stats()
     finally:
         handle.remove()
@@ -183,6 +198,20 @@ def test_sharded_statistics_would_decide_otherwise(launched, pipe):
     assert (result.samples - whole_batch).abs().max().item() <= TOLERANCE
     merged = merge_stats([stats for _, stats in runs], [s.rows for s in shards])
     assert result.stats.macs_executed != merged.macs_executed
+
+
+def test_tokencache_allocates_over_the_whole_batch(launched, pipe):
+    """TokenCache's Eq. 12 quantises the scores of every row of the batch: each shard alone would allocate
+    other per-block counts; data parallelism gathers the rows' scores and matches the whole batch."""
+    result = launched[0]["tokencache"]
+    labels = balanced_labels(SAMPLES, pipe.spec.num_classes)
+    expected, stats = _one_process(pipe, labels, "tokencache", steps=LEARNED_STEPS)
+    assert (result.samples - expected).abs().max().item() <= TOLERANCE
+    assert _counts(result.stats) == _counts(stats)
+    noise = pipe.initial_noise(SAMPLES, 0)
+    shard = shard_rows(SAMPLES, 2, 1)
+    alone, alone_stats = _one_process(pipe, shard.take(labels), "tokencache", shard.take(noise), LEARNED_STEPS)
+    assert alone_stats.last.block_tokens != stats.last.block_tokens  # shard 1 alone allocates otherwise
 
 
 def test_rank_without_samples(launched, pipe):

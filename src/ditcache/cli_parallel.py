@@ -65,12 +65,16 @@ def _in_group(command: Callable[[argparse.Namespace, object], int], args: argpar
     info = init_distributed()
     try:
         if info.is_main:
-            return command(args, info)
-        with _muted():
-            try:
-                return command(args, info)
-            except Exception:  # the same error is raised on rank 0, which reports it
-                return 2
+            code = command(args, info)
+        else:
+            with _muted():
+                try:
+                    code = command(args, info)
+                except Exception:  # the same error is raised on rank 0, which reports it
+                    code = 2
+        # leave together: a rank tearing its gloo connections down while another still uses them can abort
+        dist.barrier()
+        return code
     finally:
         dist.destroy_process_group()
 

@@ -150,3 +150,26 @@ class DecisionSync:
         dist.all_gather(parts, t.contiguous(), group=self.group.group)
         self.reductions += 1
         return torch.cat(parts, dim=dim)
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """`t`, a per-row tensor of this rank's rows, concatenated along dim 0 over the ranks holding the
+        batch's rows (ROWS sharding; shards may differ in size), in rank order: the whole batch, identical on
+        every rank; `t` itself otherwise."""
+        if not self.active or self.group.sharding is not Sharding.ROWS:
+            return t
+        group = self.group.group
+        ranks = dist.get_world_size(group)
+        sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(ranks)]
+        dist.all_gather(sizes, torch.tensor([t.shape[0]], device=t.device), group=group)
+        counts = [int(size) for size in sizes]  # one host sync
+        padded = t.new_zeros((max(counts), *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(ranks)]
+        dist.all_gather(parts, padded, group=group)
+        self.reductions += 2
+        return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+    def gather_whole(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-row, per-token tensor (rows, tokens, ...) of this rank's part, made whole over the group: its
+        tokens under TOKENS sharding, its rows under ROWS, itself in one process."""
+        return self.gather_rows(self.gather_tokens(t))

@@ -15,10 +15,9 @@ What is identical to one process, and what is not:
   the engine's `DecisionSync`; the ranks holding rows are made its decision group with `Sharding.ROWS`
   (`set_decision_group`), so the sums and counts are all-reduced and every rank takes the whole batch's
   decision, as one process does.
-* Token-level methods (TokenCache, OmniCache's token / frame / block caches) choose tokens per shard (their
-  choices never pass `DecisionSync`, so setting the group costs them nothing): their
-  decisions are those of one process run on that shard alone, and samples can differ from one process on
-  the whole batch.
+* Token-level methods: OmniCache's caches match per row (per sample); TokenCache's Eq. 12 allocation and its
+  tokens shared by the rows read every rank's rows through `DecisionSync.gather_rows`, so they too take the
+  whole batch's choices.
 
 A rank with no rows (fewer samples than ranks) skips the generation but still joins every collective, so no
 rank waits forever. An error on any rank is gathered and re-raised on every rank (the first failing rank's);

@@ -308,7 +308,7 @@ class TokenCachePolicy(Policy):
         tokens = bands.size(stream.shape[1]) * bands.total  # the whole sequence, over every rank
         if setup.predictor is not None:
             state.scores = scores = predict_scores(call, setup.predictor)
-            counts, _ = block_keep_counts(decisions.gather_tokens(scores)[..., positions], self.config.ratio)
+            counts, _ = block_keep_counts(decisions.gather_whole(scores)[..., positions], self.config.ratio)
         else:
             counts = uniform_keep_counts(tokens, len(positions), self.config.ratio)
         size = tokens // bands.total
@@ -320,10 +320,12 @@ class TokenCachePolicy(Policy):
         self, call: BlockCall, state: TokenCacheState, position: int, keep: int, update: torch.Tensor
     ) -> torch.Tensor:
         selection, per_row, bands = self.config.selection, self.config.per_row, state.bands
+        # tokens shared by the rows come from the whole batch's mean score (data parallelism: every rank's rows)
+        whole = (lambda scores: scores) if per_row else call.forward.decisions.gather_rows
         if selection == "learned" and state.scores is not None:
-            return choose_tokens(state.scores[..., position], keep, per_row, bands.local)
+            return choose_tokens(whole(state.scores[..., position]), keep, per_row, bands.local)
         if selection == "norm":
-            return choose_tokens(update.float().norm(dim=-1), keep, per_row, bands.local)
+            return choose_tokens(whole(update.float().norm(dim=-1)), keep, per_row, bands.local)
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + call.info.step * 1009 + position)
         tokens = update.shape[1]
         if bands.total == 1:
