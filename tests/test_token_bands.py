@@ -111,3 +111,51 @@ def test_omnicache_bands_match_inside_each_band():
     assert tokens[1] == tokens[2]  # the same share skipped: half of each band's sources
     assert not torch.equal(outputs[1], outputs[2])  # but chosen inside each band
     assert (outputs[1] - outputs[2]).abs().max() < 1.0
+
+
+# ---------------------------------------------------------------- TokenCache: forecast token updates (issue 16)
+
+
+def _forecast_run(forecast: str, ratio: float):
+    model = tiny_model("flux")
+    inputs = tiny_inputs("flux", batch=2, size=8)
+    spec = f"tokencache:selection=random:schedule=uniform:refiners=0:lora=False:full_steps=2:ratio={ratio}"
+    handle = ditcache.apply(model, f"{spec}:forecast={forecast}")
+    with handle.generation(num_steps=5):  # I-steps 0 and 2; P-steps 1, 3, 4
+        out = euler_sample(model, "flux", inputs, 5, handle=handle)
+    state = handle.branch_state("cond")
+    handle.remove()
+    return out, state
+
+
+@pytest.mark.parametrize("mode", ["taylor1", "hermite"])
+def test_tokencache_forecasts_the_i_step_updates(mode):
+    from ditcache.engine.forecast import Forecast, forecast_weights
+
+    _, state = _forecast_run(mode, 1.0)  # ratio 1: no token is updated at a P-step
+    weights = forecast_weights(Forecast(mode), [2.0, 0.0], 4.0)
+    assert len(state.histories) == 4 and not any(mask.any() for mask in state.fresh.values())
+    for position, history in state.histories.items():
+        assert history.positions == [2.0, 0.0]
+        newest, oldest = history.values
+        expected = weights[0] * newest + weights[1] * oldest  # what step 4 added to every token
+        assert torch.allclose(state.updates[position], expected, atol=1e-6)
+    if mode == "taylor1":
+        assert weights == pytest.approx([2.0, -1.0])  # u(4) = u(2) + (u(2) - u(0)) x (4 - 2) / (2 - 0)
+
+
+def test_tokencache_forecast_keeps_fresher_updates_and_copy_is_the_cached_update():
+    from ditcache.engine.forecast import Forecast, forecast_weights
+
+    copied, copy_state = _forecast_run("copy", 0.5)
+    assert not copy_state.histories and not copy_state.fresh  # copy keeps no history
+    forecast_out, state = _forecast_run("taylor1", 0.5)
+    assert not torch.equal(copied, forecast_out)
+    weights = forecast_weights(Forecast.TAYLOR1, [2.0, 0.0], 4.0)
+    for position, history in state.histories.items():
+        fresh = state.fresh[position]  # updated at step 3 or 4: the union of both steps' tokens
+        assert 0 < int(fresh[0].sum()) < fresh.shape[1]
+        predicted = weights[0] * history.values[0] + weights[1] * history.values[1]
+        stale = ~fresh
+        assert torch.allclose(state.updates[position][stale], predicted[stale], atol=1e-6)
+        assert not torch.allclose(state.updates[position][fresh], predicted[fresh], atol=1e-3)

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from ..config import PolicyConfig
 from ..engine.calls import BlockCall, ForwardCall
 from ..policies.base import Policy
-from ..policies.tokencache import METHOD, run_cached_block, subset_capable, supports_full_context
+from ..policies.tokencache import METHOD, supports_full_context
+from ..policies.tokencache_runs import run_cached_block, subset_capable
 from ..policies.tokencache_schedule import block_keep_counts, choose_tokens, istep_schedule
 from ..registry import register_policy
 from .profiles import Profile, ProfileMismatchError, find_profile, model_fingerprint

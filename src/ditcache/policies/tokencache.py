@@ -23,12 +23,14 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import PolicyConfig, check_bool, check_choice, check_float, check_int
-from ..engine.calls import BlockCall, ForwardCall, shape_key
+from ..engine.calls import BlockCall, ForwardCall
+from ..engine.forecast import FEATURE_FORECASTS, Forecaster, History, check_forecast, forecast
 from ..engine.state import BranchState
 from ..engine.token_bands import ShardedLike, TokenBands
 from ..registry import register_policy, register_preset
 from .base import Policy
-from .tokencache_attention import attend_to_all_tokens, supports_full_context
+from .tokencache_attention import supports_full_context
+from .tokencache_runs import fresh_tokens, predict_scores, run_and_store_update, run_cached_block, subset_capable
 from .tokencache_schedule import ISTEP_SCHEDULES, block_keep_counts, choose_tokens, istep_schedule, uniform_keep_counts
 
 METHOD = "tokencache"
@@ -89,6 +91,11 @@ class TokenCacheConfig(PolicyConfig):
             efficiency 0.52 per row, 0.85 shared).
         seed (`int`, defaults to `0`):
             Seed of `selection="random"`, >= 0.
+        forecast (`str`, defaults to `"copy"`):
+            What a token that is not updated takes as its update (`ditcache.engine.forecast`): `"copy"` (the
+            cached one, the paper) or a forecast of the block's updates at the last I-steps, evaluated at this
+            step: `"taylor1"`, `"taylor2"`, `"hermite"`. Tokens updated at an earlier P-step keep that fresher
+            update. E.g. `"tokencache:forecast=hermite"`.
         token_bands (`int`, defaults to `1`):
             Select tokens inside this many equal contiguous parts of the token sequence, the same count in each
             (`engine/token_bands.py`), in [1, 64]. Under context parallelism each rank holds one band (1 = one
@@ -131,6 +138,7 @@ class TokenCacheConfig(PolicyConfig):
     attention: str = "auto"
     per_row: bool = True
     seed: int = 0
+    forecast: str = "copy"
     token_bands: int = 1
     profile: str | None = None
 
@@ -152,6 +160,7 @@ class TokenCacheConfig(PolicyConfig):
         check_choice("attention", self.attention, ATTENTIONS)
         check_bool("per_row", self.per_row)
         check_int("seed", self.seed, 0)
+        check_forecast(self.forecast, FEATURE_FORECASTS, "multistep extrapolates whole outputs")
         check_int("token_bands", self.token_bands, 1, 64)
         if self.profile is not None and not isinstance(self.profile, str):
             raise ValueError(f"profile must be None or a path string, got {self.profile!r}")
@@ -177,6 +186,8 @@ class TokenCacheState(BranchState):
     p_step: bool = False
     counts: dict[int, int] = dataclasses.field(default_factory=dict)  # position -> tokens updated per band
     bands: TokenBands = TokenBands()  # this P-step's selection bands (one per context-parallel rank)
+    histories: dict[int, History] = dataclasses.field(default_factory=dict)  # position -> I-step updates
+    fresh: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # position -> updated since I-step
     scores: torch.Tensor | None = None  # (rows, N, num_blocks) predictor scores of this P-step
     refine: bool = False  # this P-step caches something: refiners run with LoRA
 
@@ -200,6 +211,7 @@ class TokenCachePolicy(Policy):
 
     def __init__(self, config: TokenCacheConfig, adapter: Any) -> None:
         super().__init__(config, adapter)
+        self.forecaster = Forecaster.of(config.forecast)
         self._setups: dict[int, Setup] = {}
         self.trace: list[tuple[int, str, list[int]]] = []  # (step, branch, tokens per row of each block)
 
@@ -276,6 +288,10 @@ class TokenCachePolicy(Policy):
             if not cacheable:
                 return call.run()
             output, state.updates[position] = run_and_store_update(call)
+            self.forecaster.remember_at(
+                call.forward, state.histories, position, call.info.step, state.updates[position]
+            )
+            state.fresh.pop(position, None)
             return output
         if position == 0:
             self._plan(call, setup, state, stream)
@@ -288,9 +304,23 @@ class TokenCachePolicy(Policy):
         if not cacheable or update is None or update.shape != stream.shape:
             return call.run()
         keep = state.counts.get(position, state.bands.size(stream.shape[1]))
+        if not self.forecaster.copies:
+            update = self._forecast(call, state, position, update)
         index = self._index(call, state, position, keep, update)
         output, state.updates[position] = run_cached_block(call, index, update, setup.full_context)
+        if not self.forecaster.copies:
+            state.fresh[position] = fresh_tokens(state.fresh.get(position), index, stream.shape[:2])
         return output
+
+    def _forecast(self, call: BlockCall, state: TokenCacheState, position: int, update: torch.Tensor) -> torch.Tensor:
+        """The updates of the tokens not updated since the last I-step, forecast from the I-steps' updates at
+        this step; the others keep their fresher update."""
+        history = state.histories.get(position)
+        if history is None or len(history) < 2:
+            return update
+        predicted = call.forward.fetch(forecast(self.forecaster.mode, history, float(call.info.step)))
+        fresh = state.fresh.get(position)
+        return predicted if fresh is None else torch.where(fresh.unsqueeze(-1), update, predicted)
 
     def _cacheable(self, call: BlockCall, stream: torch.Tensor, setup: Setup, state: TokenCacheState) -> bool:
         """Blocks before the refiners that can run on a token subset and whose token stream is laid out like
@@ -336,53 +366,6 @@ class TokenCachePolicy(Policy):
         ranks = torch.empty(order.shape, dtype=torch.float32).index_put_((order,), -torch.arange(order.numel()).float())
         local = ranks[bands.first * size : bands.first * size + tokens].to(update.device)
         return choose_tokens(local[None], keep, False, bands.local)
-
-
-# ------------------------------------------------------------------ shared with training (calibration/tokencache.py)
-def run_and_store_update(call: BlockCall) -> tuple[Any, torch.Tensor]:
-    """Run the block on every token: (output, its per-token update output - input, stored)."""
-    name = call.ref.spec.token_stream
-    stream = call.arguments[name]
-    output = call.run()
-    return output, call.forward.store(call.outputs_of(output)[name] - stream)
-
-
-def run_cached_block(
-    call: BlockCall, index: torch.Tensor, update: torch.Tensor, full_context: bool = False
-) -> tuple[Any, torch.Tensor]:
-    """Eq. 6 with hard decisions: the tokens at `index` (rows, k) run, the others are input + cached update;
-    with `full_context` the running tokens attend to every token (`attend_to_all_tokens`). Returns (output,
-    the update with the fresh tokens' updates written in, stored)."""
-    name = call.ref.spec.token_stream
-    stream = call.arguments[name]
-    if index.shape[-1] == stream.shape[1]:
-        return run_and_store_update(call)
-    if full_context and index.shape[-1] > 0:
-        with attend_to_all_tokens(call, index):
-            output = call.run_tokens(index, stream + update)
-    else:
-        output = call.run_tokens(index, stream + update)
-    if index.shape[-1] == 0:
-        return output, call.forward.store(update)
-    fresh = call.outputs_of(output)[name]
-    rows_index = index if index.ndim == 2 else index.expand(stream.shape[0], -1)
-    gather = rows_index.unsqueeze(-1).expand(-1, -1, stream.shape[-1])
-    new = update.scatter(1, gather, fresh.gather(1, gather) - stream.gather(1, gather))
-    return output, call.forward.store(new)
-
-
-def subset_capable(ref: Any) -> bool:
-    """The adapter allows this block to run on a token subset (`BlockListSpec.no_token_subsets` is empty)."""
-    return not getattr(ref.spec, "no_token_subsets", "")
-
-
-def predict_scores(call: BlockCall, predictor: torch.nn.Module) -> torch.Tensor:
-    """The predictor's (rows, tokens, blocks) scores from block 0's own arguments; its MACs are counted like a
-    token-subset block run (a flop-counted run of the predictor at that shape)."""
-    arguments = dict(call.arguments)
-    scores = predictor(**arguments)
-    call.forward.count_extra_run(("tokencache-predictor", shape_key(arguments)), predictor, arguments)
-    return scores
 
 
 register_preset("tokencache", lambda: TokenCacheConfig(), "TokenCache: learned token / block / step caching, r = 0.9")
