@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -160,7 +161,31 @@ def cache_context(model: torch.nn.Module, name: str, **hints: Any) -> contextlib
     own = getattr(type(model), "cache_context", None)
     if own is not None:
         return model.cache_context(name, **hints) if hints else model.cache_context(name)
+    stack = contextlib.ExitStack()
     engine = getattr(model, ENGINE_ATTR, None)
     if isinstance(engine, Engine) and not engine.removed:
-        return engine.branch(name, **hints)
-    return contextlib.nullcontext()
+        stack.enter_context(engine.branch(name, **hints))
+    if _has_diffusers_cache_hooks(model):
+        stack.enter_context(_diffusers_hook_context(model, name, hints))
+    return stack
+
+
+def _has_diffusers_cache_hooks(model: torch.nn.Module) -> bool:
+    """diffusers' cache hooks applied with its `diffusers.hooks.apply_*` functions to a class without
+    `cache_context` (DiT, Latte): they keep per-branch state and need a context like CacheMixin gives them."""
+    return any(getattr(getattr(m, "_diffusers_hook", None), "hooks", None) for m in model.modules())
+
+
+@contextlib.contextmanager
+def _diffusers_hook_context(model: torch.nn.Module, name: str, hints: dict[str, Any]) -> Iterator[None]:
+    """What diffusers' `CacheMixin.cache_context(name, **hints)` does, for a class without it."""
+    import dataclasses
+
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    fields = {field.name for field in dataclasses.fields(CacheContext)}
+    _set_cache_context(model, CacheContext(name, **{k: v for k, v in hints.items() if k in fields}))
+    try:
+        yield
+    finally:
+        _set_cache_context(model, None)

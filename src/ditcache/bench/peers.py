@@ -19,15 +19,40 @@ from .variants import Detach, Variant
 
 def _diffusers_hook(label: str, steps: int, make_config: Any) -> Variant:
     def attach(pipe: Any) -> Detach:
-        pipe.transformer.enable_cache(make_config(pipe))
-
-        def detach() -> dict[str, Any]:
-            pipe.transformer.disable_cache()
-            return {}
-
-        return detach
+        return enable_diffusers_cache(pipe, make_config(pipe))
 
     return Variant(label=label, kind="peer", steps=steps, attach=attach)
+
+
+def enable_diffusers_cache(pipe: Any, config: Any) -> Detach:
+    """A diffusers cache config on the pipeline's transformer: `enable_cache` where the class has it (CacheMixin);
+    otherwise (DiT, Latte) diffusers' own `apply_*` function on a copy of the transformer (nothing undoes
+    those hooks), whose branch contexts `ditcache.cache_context` sets. Returns the detach function."""
+    transformer = pipe.transformer
+    if hasattr(transformer, "enable_cache"):
+        transformer.enable_cache(config)
+
+        def disable() -> dict[str, Any]:
+            transformer.disable_cache()
+            return {}
+
+        return disable
+    from diffusers import hooks
+
+    apply = {
+        "FirstBlockCacheConfig": hooks.apply_first_block_cache,
+        "TaylorSeerCacheConfig": hooks.apply_taylorseer_cache,
+        "MagCacheConfig": hooks.apply_mag_cache,
+        "PyramidAttentionBroadcastConfig": hooks.apply_pyramid_attention_broadcast,
+    }[type(config).__name__]
+    pipe.transformer = pipe.model.transformer = copy.deepcopy(transformer)
+    apply(pipe.transformer, config)
+
+    def restore() -> dict[str, Any]:
+        pipe.transformer = pipe.model.transformer = transformer
+        return {}
+
+    return restore
 
 
 def taylorseer_identifiers(model: Any) -> list[str]:
@@ -45,13 +70,13 @@ def calibrate_mag_ratios(pipe: Any, run: Any, steps: int) -> list[float]:
     """MagCache's calibration mode only prints its ratios; capture and parse them."""
     from diffusers import MagCacheConfig
 
-    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    detach = enable_diffusers_cache(pipe, MagCacheConfig(calibrate=True, num_inference_steps=steps))
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer):
             run()
     finally:
-        pipe.transformer.disable_cache()
+        detach()
     lists = [line for line in buffer.getvalue().splitlines() if line.strip().startswith("[")]
     if not lists:
         raise RuntimeError("MagCache calibration printed no ratios")
