@@ -161,13 +161,11 @@ def cache_context(model: torch.nn.Module, name: str, **hints: Any) -> contextlib
     own = getattr(type(model), "cache_context", None)
     if own is not None:
         return model.cache_context(name, **hints) if hints else model.cache_context(name)
-    stack = contextlib.ExitStack()
     engine = getattr(model, ENGINE_ATTR, None)
-    if isinstance(engine, Engine) and not engine.removed:
-        stack.enter_context(engine.branch(name, **hints))
+    engine = engine if isinstance(engine, Engine) and not engine.removed else None
     if _has_diffusers_cache_hooks(model):
-        stack.enter_context(_diffusers_hook_context(model, name, hints))
-    return stack
+        return _diffusers_hook_context(model, name, hints, engine)
+    return engine.branch(name, **hints) if engine is not None else contextlib.nullcontext()
 
 
 def _has_diffusers_cache_hooks(model: torch.nn.Module) -> bool:
@@ -177,15 +175,19 @@ def _has_diffusers_cache_hooks(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def _diffusers_hook_context(model: torch.nn.Module, name: str, hints: dict[str, Any]) -> Iterator[None]:
-    """What diffusers' `CacheMixin.cache_context(name, **hints)` does, for a class without it."""
+def _diffusers_hook_context(
+    model: torch.nn.Module, name: str, hints: dict[str, Any], engine: Engine | None
+) -> Iterator[None]:
+    """What diffusers' `CacheMixin.cache_context(name, **hints)` does, for a class without it (and ditcache's
+    own branch context too when ditcache is applied)."""
     import dataclasses
 
     from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
     fields = {field.name for field in dataclasses.fields(CacheContext)}
-    _set_cache_context(model, CacheContext(name, **{k: v for k, v in hints.items() if k in fields}))
-    try:
-        yield
-    finally:
-        _set_cache_context(model, None)
+    with engine.branch(name, **hints) if engine is not None else contextlib.nullcontext():
+        _set_cache_context(model, CacheContext(name, **{k: v for k, v in hints.items() if k in fields}))
+        try:
+            yield
+        finally:
+            _set_cache_context(model, None)
