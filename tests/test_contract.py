@@ -50,7 +50,7 @@ PROFILE_STEPS = (6, 8)  # step counts the tiny profiles are written for
 # is dominated by the resolution gap of the trial, not by the trajectory. With delta = alpha x the largest
 # warm-up LFD, alpha 0.5 (precisecache-base) reuses no step of 8 on any family (flux LFDs 0.99-1.21 vs delta
 # 0.58; wan 1.45-2.84 vs 1.42), but step 4 of 6 on wan.
-REUSE_STEPS = (8, 6, 20)  # 20: presets with long warm-ups (fora-hermite-1.5x computes its first 16 steps)
+REUSE_STEPS = (8, 6, 20)  # 20: presets with long warm-ups (fora-hermite-1.5x computes its first 16 in a bare loop)
 GUIDANCE = 3.0
 BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "class_labels")
 BATCHED += ("encoder_attention_mask", "encoder_hidden_states_t5", "pooled_embeds")  # Lumina2, HiDream

@@ -35,10 +35,24 @@ def test_preset_computes_the_stated_number_of_steps(name):
     assert len(computed_steps(ditcache.preset(name))) == CLASSES[name][0]
 
 
-def test_the_1_5x_preset_computes_the_first_16_steps_then_every_other_one():
-    computed = computed_steps(ditcache.preset("fora-hermite-1.5x"))
-    assert computed == list(range(16)) + list(range(16, STEPS, 2))
-    assert ditcache.preset("fora-hermite-1.5x").forecast == "hermite"
+def computed_steps_unknown_count(config: ditcache.StaticIntervalConfig, steps: int = STEPS) -> list[int]:
+    return [step for step in range(steps) if config.computes(step, None)]
+
+
+def test_the_1_5x_preset_computes_both_ends_and_every_other_step_between():
+    config = ditcache.preset("fora-hermite-1.5x")
+    assert computed_steps(config) == list(range(8)) + list(range(8, 42, 2)) + list(range(42, STEPS))
+    assert config.forecast == "hermite"
+
+
+def test_without_a_step_count_the_cooldown_steps_are_computed_first():
+    # A bare loop gives no step count: the 1.5x preset then computes its first 16 steps, the same 33 of 50.
+    config = ditcache.preset("fora-hermite-1.5x")
+    unknown = computed_steps_unknown_count(config)
+    assert unknown == list(range(16)) + list(range(16, STEPS, 2))
+    assert len(unknown) == len(computed_steps(config)) == 33
+    plain = ditcache.StaticIntervalConfig(interval=2, warmup_steps=2)  # no cool-down: unchanged
+    assert computed_steps_unknown_count(plain) == computed_steps(plain)
 
 
 def test_the_3x_preset_computes_every_third_step_from_step_0_and_reuses_whole_outputs():
@@ -63,11 +77,13 @@ def test_computed_one_is_plain_fora_and_out_of_range_is_refused():
 
 
 @pytest.mark.parametrize("name", CLASSES)
-def test_preset_macs_speedup_lands_in_its_class_on_a_tiny_model(name):
+@pytest.mark.parametrize("count_known", [True, False], ids=["num_steps", "bare-loop"])
+def test_preset_macs_speedup_lands_in_its_class_on_a_tiny_model(name, count_known):
     model = tiny_model("flux")
     handle = ditcache.apply(model, name)
     inputs = tiny_inputs("flux")
-    with torch.no_grad(), handle.generation(num_steps=STEPS):
+    generation = handle.generation(num_steps=STEPS) if count_known else handle.generation()
+    with torch.no_grad(), generation:
         euler_sample(model, "flux", inputs, STEPS, cfg_inputs=tiny_uncond_inputs("flux", inputs), handle=handle)
     stats = handle.stats().last
     handle.remove()

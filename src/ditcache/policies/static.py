@@ -29,7 +29,10 @@ class StaticIntervalConfig(PolicyConfig):
 
     After `warmup_steps` computed steps, step `s` is computed when `(s - warmup_steps) % interval == 0` and
     reused otherwise (with `computed` > 1: when `((s - warmup_steps) * computed) % interval < computed`, i.e.
-    `computed` steps of every `interval`, evenly spread); the last `cooldown_steps` are always computed. With
+    `computed` steps of every `interval`, evenly spread); the last `cooldown_steps` are always computed. When
+    the step count is unknown (a hand-written loop without `handle.generation(num_steps=...)`), the cool-down
+    steps are computed at the start instead (`warmup_steps + cooldown_steps` warm-up steps): the same number of
+    computed steps, so the speed does not change with how the model is driven. With
     `reuse="output"` a reused step returns the model output of the last computed step of the same CFG branch
     (presets `static-N`); with
     `reuse="blocks"` the embedders and the final layer still run with the current timestep and every block
@@ -45,8 +48,8 @@ class StaticIntervalConfig(PolicyConfig):
         warmup_steps (`int`, defaults to `2`):
             The first steps, always computed; >= 0.
         cooldown_steps (`int`, defaults to `0`):
-            The last steps, always computed; >= 0. Only applies when the step count is known (a pipeline,
-            or `handle.generation(num_steps=...)`).
+            The last steps, always computed; >= 0. They need the step count (a pipeline, or
+            `handle.generation(num_steps=...)`); without it they are added to the warm-up steps.
         reuse (`str`, defaults to `"output"`):
             What a reused step takes from the last computed step: `"output"` (the whole model output; the
             cheapest, the embedders are skipped too) or `"blocks"` (every block's residual, FORA).
@@ -90,12 +93,14 @@ class StaticIntervalConfig(PolicyConfig):
             check_forecast(self.forecast, FEATURE_FORECASTS, "multistep extrapolates whole outputs: reuse='output'")
 
     def computes(self, step: int, num_steps: int | None) -> bool:
-        if step < self.warmup_steps:
+        # Without a step count the cool-down cannot be placed: compute those steps first instead (same count).
+        warmup = self.warmup_steps if num_steps is not None else self.warmup_steps + self.cooldown_steps
+        if step < warmup:
             return True
         if num_steps is not None and step >= num_steps - self.cooldown_steps:
             return True
         # Bresenham-style: computed / interval of the steps, evenly spread (computed = 1: every interval-th step)
-        return ((step - self.warmup_steps) * self.computed) % self.interval < self.computed
+        return ((step - warmup) * self.computed) % self.interval < self.computed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,15 +238,16 @@ for _speed, _n in (("2x", 2), ("3x", 3)):
         f"computed steps (HiCache's scaled-Hermite series; ~{_speed} MACs)",
     )
 
-# 1.5x class: fora-hermite-2x's interval 2 after 16 computed warm-up steps (33 of 50 computed, 1.50-1.51x MACs).
-# Reusing early steps costs the most accuracy: on ref-image (8 samples) this is 51.5 dB vs 47.7 dB for
-# fora-hermite-2x at 1.9x, while computing 2 steps in every 3 from step 2 (34 of 50) gave 42.3 dB
-# (docs/METHODS.md, "Speed classes").
+# 1.5x class: the first 8 and the last 8 steps computed, fora-hermite-2x's schedule in between (33 of 50 computed,
+# 1.50-1.51x MACs). The ends of the trajectory are the expensive ones to reuse: against 16 computed warm-up steps
+# (the first version of this preset) the same 33 steps gave +0.9 dB on ref-image, +2.8 on ref-video, +3.4 on ref-dit
+# and +2.5 on ref-latte (16 images / 8 clips; docs/METHODS.md, "Speed classes"). Without a step count (a bare
+# loop) the 8 cool-down steps become warm-up steps: 16 then 1 in 2, the same 33 steps.
 register_preset(
     "fora-hermite-1.5x",
-    lambda: StaticIntervalConfig(interval=2, warmup_steps=16, reuse="blocks", forecast="hermite"),
-    "FORA block residuals after 16 computed warm-up steps, then 1 step in 2 computed, reused steps forecast the "
-    "residuals from the last 3 computed steps (HiCache's scaled-Hermite series; ~1.5x MACs at 50 steps)",
+    lambda: StaticIntervalConfig(interval=2, warmup_steps=8, cooldown_steps=8, reuse="blocks", forecast="hermite"),
+    "FORA block residuals, the first 8 and last 8 steps computed and 1 step in 2 in between, reused steps forecast "
+    "the residuals from the last 3 computed steps (HiCache's scaled-Hermite series; ~1.5x MACs at 50 steps)",
 )
 
 # 3x class, block reuse: 3 steps of every 10 computed, evenly spread, after 1 warm-up step (16 of 50 computed,
