@@ -5,7 +5,7 @@ import torch
 
 import ditcache
 from ditcache.numerics import low_frequency
-from ditcache.policies.precisecache import LFCacheController, auto_downsample
+from ditcache.policies.precisecache import MAX_TRIAL_SKIP, LFCacheController, TrialBackoff, auto_downsample
 from ditcache.testing import euler_sample, tiny_inputs, tiny_model, tiny_uncond_inputs
 
 
@@ -53,6 +53,38 @@ def test_never_reusing_is_bit_identical_and_trials_cost_macs(name):
     assert torch.equal(out, reference)
     assert stats.reused_forwards == 0 and stats.trial_forwards == 9
     assert stats.macs_executed > stats.macs_full  # the trials are paid for
+
+
+def test_trial_backoff_skips_1_2_4_up_to_the_cap_and_restarts_after_a_reuse():
+    backoff = TrialBackoff(patience=2)
+    trialled = []
+    outcomes = iter([False] * 7 + [True] + [False] * 40)
+    for step in range(3, 60):
+        if backoff.trial_due():
+            trialled.append(step)
+            backoff.record(next(outcomes))
+    # 2 failures -> skip 1, then 2, 4, 8, 8, 8; the reuse at step 41 starts the count over.
+    assert trialled[:8] == [3, 4, 6, 9, 14, 23, 32, 41]
+    backoff = TrialBackoff(patience=2)
+    for _ in range(20):
+        backoff.record(False)
+    assert backoff.skip_left == MAX_TRIAL_SKIP
+    backoff.record(True)
+    assert (backoff.failures, TrialBackoff(None).trial_due()) == (0, True)
+
+
+def test_trial_patience_stops_paying_for_trials_that_never_reuse():
+    # alpha 1e-9 never reuses: the paper's rule trials at all 19 steps after step 0; patience 2 at the warm-up
+    # steps 1, 2 and at steps 3, 4, 6, 9, 14 (skipping 1, 2, 4, then 8 steps: 15-22, past the end).
+    config = ditcache.PreciseCacheConfig(alpha=1e-9, trial_patience=2)
+    out, reference, stats, policy = _run("flux", config, steps=20)
+    assert torch.equal(out, reference)  # skipped trials are computed steps: still exact
+    assert [step for step, _ in policy.lfd_trace] == [1, 2, 3, 4, 6, 9, 14]
+    assert stats.trial_forwards == 7 and stats.reused_forwards == 0
+    _, _, paper, _ = _run("flux", ditcache.PreciseCacheConfig(alpha=1e-9), steps=20)
+    assert paper.trial_forwards == 19 and paper.macs_executed > stats.macs_executed
+    with pytest.raises(ValueError, match="trial_patience"):
+        ditcache.PreciseCacheConfig(trial_patience=0)
 
 
 def test_block_cache_skips_the_least_changing_blocks():

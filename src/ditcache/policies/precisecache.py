@@ -82,6 +82,11 @@ class PreciseCacheConfig(PolicyConfig):
             How a reused prediction (and BlockCache's skipped residuals) is made from the computed steps:
             `"copy"` (the last one), `"taylor1"`, `"taylor2"`, `"hermite"` or, without BlockCache,
             `"multistep"` (see docs/METHODS.md, "Forecasting"). The trial compares with what would be reused.
+        trial_patience (`int | None`, defaults to `None`):
+            Stop paying for trials that keep choosing to compute: after this many consecutive trials (after
+            the warm-up) that did not reuse, the next 1, 2, 4, then up to `MAX_TRIAL_SKIP` (8) steps are computed
+            without a trial, the skip doubling with every further failed trial; a trial that reuses starts
+            over. >= 1; None = the paper's rule, a trial at every step. E.g. `"precisecache-base:trial_patience=4"`.
 
     Example:
         >>> import ditcache
@@ -113,9 +118,12 @@ class PreciseCacheConfig(PolicyConfig):
     # "precisecache")`) instead of alpha x the warm-up LFD; None = the paper's rule.
     target_reuse: float | None = None
     forecast: str = "copy"  # how a reused prediction / skipped residual is made from the computed steps
+    trial_patience: int | None = None  # failed trials in a row before trials back off; None = always trial
 
     def __post_init__(self) -> None:
         check_float("alpha", self.alpha, 0.0, 100.0, low_open=True)
+        if self.trial_patience is not None:
+            check_int("trial_patience", self.trial_patience, 1)
         check_int("warmup_steps", self.warmup_steps, 2)
         if self.downsample is not None:
             if not isinstance(self.downsample, tuple) or len(self.downsample) != 3:
@@ -167,6 +175,36 @@ class LFCacheController:
         return False
 
 
+MAX_TRIAL_SKIP = 8  # the longest run of steps computed without a trial (a late chance to reuse stays open)
+
+
+@dataclasses.dataclass
+class TrialBackoff:
+    """When LFCache stops trialling: a trial costs a forward on the pooled latent, so a model on which trials
+    keep choosing to compute pays for nothing. After `patience` failed trials in a row, the steps after each
+    further failed trial are computed without one: 1, 2, 4, ..., `MAX_TRIAL_SKIP`. Skipping is exact with
+    respect to the accumulate-and-reset rule: it only follows a failed trial, which reset the sum."""
+
+    patience: int | None
+    failures: int = 0  # consecutive trials after the warm-up that chose to compute
+    skip_left: int = 0  # steps still to compute without a trial
+
+    def trial_due(self) -> bool:
+        """Whether this step runs a trial (False: compute it without one). Called once per decided step."""
+        if self.skip_left > 0:
+            self.skip_left -= 1
+            return False
+        return True
+
+    def record(self, reused: bool) -> None:
+        if reused or self.patience is None:
+            self.failures = 0
+            return
+        self.failures += 1
+        if self.failures >= self.patience:
+            self.skip_left = min(2 ** (self.failures - self.patience), MAX_TRIAL_SKIP)
+
+
 class BlockPass(enum.Enum):
     FULL = "full"  # every block runs; residuals and changes are refreshed
     PARTIAL = "partial"  # the selected blocks are skipped with their cached residuals
@@ -196,6 +234,7 @@ class PreciseCachePolicy(Policy):
     def reset(self) -> None:
         self.decisions: dict[int, bool] = {}  # step -> reuse?
         self.controller = LFCacheController(self.config.alpha, self.config.warmup_steps)
+        self.backoff = TrialBackoff(self.config.trial_patience)
         self._alpha_calibrated = False
         self.lfd_trace: list[tuple[int, float]] = []  # (step, LFD) for analysis
 
@@ -224,9 +263,15 @@ class PreciseCachePolicy(Policy):
             self._alpha_calibrated = True
         if cached is None:
             return False
+        after_warmup = call.info.step >= self.config.warmup_steps
+        if after_warmup and not self.backoff.trial_due():
+            return False
         lfd = self.trial_lfd(call, cached)
         self.lfd_trace.append((call.info.step, lfd))
-        return self.controller.decide(call.info.step, lfd)
+        reuse = self.controller.decide(call.info.step, lfd)
+        if after_warmup:
+            self.backoff.record(reuse)
+        return reuse
 
     def trial_lfd(self, call: ForwardCall, cached: torch.Tensor) -> float:
         """LFD between a trial forward on the downsampled latent and the downsampled cached prediction."""
