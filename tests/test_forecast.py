@@ -178,11 +178,13 @@ def _run(config, family: str = "flux", nan_step: int | None = None):
 
 
 def _histories(state) -> list[History]:
+    """Every forecast history of a branch state, nested states (block segments) included."""
     found = []
     for field in dataclasses.fields(state):
         value = getattr(state, field.name)
         found += [value] if isinstance(value, History) else []
         found += [v for v in value.values() if isinstance(v, History)] if isinstance(value, dict) else []
+        found += _histories(value) if dataclasses.is_dataclass(value) and not isinstance(value, History) else []
     return found
 
 

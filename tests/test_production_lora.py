@@ -41,6 +41,10 @@ CHANGES = {
     "disable": lambda model: model.disable_lora(),
     "hotswap": _hotswap,
     "load_state_dict": lambda model: model.load_state_dict(tiny_model("flux", seed=7).state_dict()),
+    "replace_module": lambda model: setattr(model, "proj_out", tiny_model("flux", seed=7).proj_out),
+    "replace_parameter": lambda model: setattr(
+        model.proj_out, "weight", torch.nn.Parameter(2 * model.proj_out.weight.detach())
+    ),
 }
 NEEDS_ADAPTER = {"fuse", "unload", "set_adapters", "disable", "hotswap"}  # acts on a LoRA loaded before apply
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -97,16 +98,22 @@ class History:
 def forecast_weights(mode: Forecast, positions: Sequence[float], target: float) -> list[float]:
     """Weights w_j (sum 1) with forecast = sum_j w_j value(positions[j]): positions newest first; uses
     `mode.order` + 1 of them at most (fewer when fewer were computed: a lower order)."""
-    points = list(positions[: mode.order + 1])
+    return list(_weights(mode, tuple(positions[: mode.order + 1]), float(target)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _weights(mode: Forecast, points: tuple[float, ...], target: float) -> tuple[float, ...]:
+    # Memoized: every block (segment, submodule) of a reused forward asks for the same weights, and a solve
+    # costs ~0.1 ms of Python / numpy where the tensor work of a reused step is a few ms.
     if mode is Forecast.COPY or len(points) == 1:
-        return [1.0] + [0.0] * (len(points) - 1)
+        return (1.0,) + (0.0,) * (len(points) - 1)
     order = len(points) - 1
     shifts = np.array(points, dtype=np.float64) - points[0]  # s_j = p_j - p_0 (s_0 = 0)
     d = float(target - points[0])
     # value_j = sum_k c_k s_j^k (c_k: Taylor coefficients at p_0) -> c = V^-1 v; forecast = b . c = (V^-T b) . v
     vandermonde = shifts[:, None] ** np.arange(order + 1)[None, :]
     basis = np.array([_basis(mode, k, d) for k in range(order + 1)])
-    return [float(w) for w in np.linalg.solve(vandermonde.T, basis)]
+    return tuple(float(w) for w in np.linalg.solve(vandermonde.T, basis))
 
 
 def _basis(mode: Forecast, k: int, d: float) -> float:

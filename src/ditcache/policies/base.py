@@ -128,15 +128,6 @@ class Policy:
 Residuals = dict[str, "torch.Tensor | None"]
 
 
-def run_and_store_residuals(call: BlockCall, store: dict[int, Residuals]) -> Any:
-    """Compute a block and keep its residuals (output - input, per carried tensor) in `store[position]`
-    (checked for NaN / inf by the engine at the end of the forward, like everything stored)."""
-    inputs = call.inputs()
-    output = call.run()
-    store[call.ref.position] = call.forward.store(call.residuals(inputs, call.outputs_of(output)))
-    return output
-
-
 def calibrated_threshold(
     policy: Policy, call: ForwardCall, target_reuse: float, warmup: int, relative_to_warmup: bool = False
 ) -> Any:

@@ -19,7 +19,8 @@ from ..engine.calls import BlockCall, ForwardCall, sample_of
 from ..engine.forecast import COPY, FEATURE_FORECASTS, FORECASTS, Forecaster, History, check_forecast
 from ..engine.state import BranchState
 from ..registry import register_policy, register_preset
-from .base import Policy, Residuals, run_and_store_residuals
+from .base import Policy
+from .block_segments import BlockSegments, skip_or_run_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +175,7 @@ def reuse_or_compute(call: ForwardCall, reuse: bool, forecaster: Forecaster = CO
 
 @dataclasses.dataclass
 class StaticState(OutputState):
-    residuals: dict[int, Residuals] = dataclasses.field(default_factory=dict)  # block position -> residuals
-    histories: dict[int, History] = dataclasses.field(default_factory=dict)  # block position -> forecast input
+    segments: BlockSegments = dataclasses.field(default_factory=BlockSegments)  # block residuals (reuse="blocks")
     reusing: bool = False  # the running forward skips every block
 
 
@@ -195,22 +195,15 @@ class StaticIntervalPolicy(Policy):
         if config.reuse == "output":
             return reuse_or_compute(call, not compute, self.forecaster)
         # Block residual reuse: blocks decide from this flag; residuals must exist for every block.
-        state.reusing = not compute and len(state.residuals) == self.model_view.num_blocks
-        return call.run()
+        state.reusing = not compute and state.segments.complete(self.model_view.num_blocks)
+        state.segments.begin()
+        output = call.run()
+        state.segments.finish(call, self.forecaster)
+        return output
 
     def block(self, call: BlockCall) -> Any:
-        return skip_or_run_block(call, call.forward.state.reusing, self.forecaster)
-
-
-def skip_or_run_block(call: BlockCall, skip: bool, forecaster: Forecaster) -> Any:
-    """Shared by block-residual policies (state with `residuals` and `histories` by block position): skip the
-    block with its cached residuals (or their forecast) or run it and cache them."""
-    state, position, step = call.forward.state, call.ref.position, call.info.step
-    if skip:
-        return call.skip(forecaster.predict(state.histories.get(position), step, state.residuals[position]))
-    output = run_and_store_residuals(call, state.residuals)
-    forecaster.remember_at(call.forward, state.histories, position, step, state.residuals[position])
-    return output
+        state: StaticState = call.forward.state
+        return skip_or_run_block(call, state.reusing, self.forecaster, state.segments)
 
 
 for _n in (2, 3, 4):

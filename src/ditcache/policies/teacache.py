@@ -18,12 +18,12 @@ import torch
 from ..config import PolicyConfig, check_float, check_int
 from ..engine.calls import BlockCall, ForwardCall
 from ..engine.decisions import DecisionSync
-from ..engine.forecast import FEATURE_FORECASTS, Forecaster, History, check_forecast
+from ..engine.forecast import FEATURE_FORECASTS, Forecaster, check_forecast
 from ..engine.state import BranchState
 from ..numerics import rel_l1
 from ..registry import register_policy, register_preset
-from .base import Policy, Residuals, calibrated_threshold
-from .static import skip_or_run_block
+from .base import Policy, calibrated_threshold
+from .block_segments import BlockSegments, skip_or_run_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +98,7 @@ class TeaCacheConfig(PolicyConfig):
 class TeaCacheState(BranchState):
     previous: torch.Tensor | None = None  # modulated input of the first block at the last forward
     accumulated: float = 0.0  # rel-L1 summed since the last computed forward
-    residuals: dict[int, Residuals] = dataclasses.field(default_factory=dict)  # block position -> residuals
-    histories: dict[int, History] = dataclasses.field(default_factory=dict)  # block position -> forecast input
+    segments: BlockSegments = dataclasses.field(default_factory=BlockSegments)  # the cached block residuals
     skip: bool = False  # the running forward skips every block
 
 
@@ -123,8 +122,12 @@ class TeaCachePolicy(Policy):
     def forward(self, call: ForwardCall) -> Any:
         if self.config.target_reuse is not None and call.info.step == 0:
             self.threshold = calibrated_threshold(self, call, self.config.target_reuse, self.config.warmup_steps)
-        call.state.skip = False
-        return call.run()
+        state: TeaCacheState = call.state
+        state.skip = False
+        state.segments.begin()
+        output = call.run()
+        state.segments.finish(call, self.forecaster)
+        return output
 
     def rel_l1(self, current: torch.Tensor, previous: torch.Tensor, decisions: DecisionSync | None = None) -> float:
         """Rescaled rel-L1; through `decisions` (the forward's choke point) for a block's tensors, which are a
@@ -139,7 +142,7 @@ class TeaCachePolicy(Policy):
         if call.ref.position == 0:
             modulated = self.adapter.modulated_input(call.ref.module, call.arguments).detach()
             previous, state.previous = state.previous, call.forward.store(modulated)
-            complete = len(state.residuals) == self.model_view.num_blocks
+            complete = state.segments.complete(self.model_view.num_blocks)
             if previous is not None:
                 change = self.rel_l1(modulated, previous, call.forward.decisions)
                 self.trace.append((call.info.step, call.info.branch, change))
@@ -148,7 +151,7 @@ class TeaCachePolicy(Policy):
                 state.skip = state.accumulated < self.threshold
             if not state.skip:
                 state.accumulated = 0.0
-        return skip_or_run_block(call, state.skip, self.forecaster)
+        return skip_or_run_block(call, state.skip, self.forecaster, state.segments)
 
 
 for _speed, _share in (("2x", 0.5), ("3x", 0.67)):
