@@ -111,3 +111,31 @@ def test_taylorseer_peer_names_every_family_attention() -> None:
         patterns = taylorseer_identifiers(model)
         matched = {name for name, _ in model.named_modules() if any(re.fullmatch(p, name) for p in patterns)}
         assert matched and {name.rsplit(".", 1)[-1] for name in matched} == expected, family
+
+
+def test_rounds_rotate_and_the_fastest_round_is_reported():
+    """Each timed round starts one row later (no row always runs first, right after the warm-up), and a row's
+    seconds are its fastest round (interference on a shared machine only ever adds time)."""
+    import torch
+
+    from ditcache.bench.runner import run_variants
+
+    pipe = RefPipeline(RefModel(TINY_IMAGE))
+    config = BenchConfig(steps=6, policies=(), samples=2, repeats=2, fewer_steps=(3, 2))
+    labels = torch.tensor([0, 1])
+    calls: list[int] = []
+
+    def run_for(steps: int):
+        def run():
+            calls.append(steps)
+            return pipe(labels, num_inference_steps=steps, seed=0)
+
+        return run
+
+    with torch.no_grad():
+        result = run_variants(config, pipe, run_for, lambda out, ref: {"psnr": 0.0}, progress=False)
+    # warm-up, round 1 (6, 3, 2), round 2 rotated (3, 2, 6), then one MACs-counted generation per row
+    assert calls == [6, 6, 3, 2, 3, 2, 6, 6, 3, 2]
+    for row in result.rows:
+        assert len(row.rounds) == 2 and row.seconds == min(row.rounds)
+    assert result.rows[0].speedup == 1.0

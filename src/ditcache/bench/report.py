@@ -41,7 +41,7 @@ def _fmt(fmt: str, value: object) -> str:
 
 
 def decide_share(row: Row) -> float:
-    """The engine's decision time per generation over the row's median wall time (NaN: not a ditcache row)."""
+    """The engine's decision time per generation over the row's wall time (NaN: not a ditcache row)."""
     seconds = row.extra.get("decide_seconds")
     return seconds / row.seconds if seconds is not None and row.seconds > 0 else math.nan
 

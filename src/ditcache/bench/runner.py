@@ -1,7 +1,9 @@
 """The benchmark runner: every variant on the same model, labels and seeds, in one process.
 
-Timed runs are interleaved (round-robin over variants, `repeats` rounds) so that machine drift hits every
-variant alike; speed is the ratio of medians to the uncached baseline of the same run. MACs are counted
+Timed runs are interleaved (round-robin over variants, `repeats` rounds, each round starting one variant later)
+so that machine drift and the position in a round hit every variant alike; a variant's time is its fastest
+round (on a shared machine interference only ever adds time, so the fastest round is the least disturbed one;
+every round is kept in `Row.rounds`), and speed is its ratio to the uncached baseline of the same run. MACs are counted
 for every variant the same way, with `torch.utils.flop_counter` over one whole generation, so peers and
 ditcache policies are measured by the same ruler. Quality is scored on the first run of each variant.
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,8 +48,8 @@ class Row:
     steps: int
     status: str = "ok"  # "ok" | "skipped" | "failed"
     reason: str = ""
-    seconds: float = float("nan")  # median wall time of one generation
-    speedup: float = float("nan")  # baseline median / this median
+    seconds: float = float("nan")  # wall time of one generation: the fastest timed round
+    speedup: float = float("nan")  # baseline seconds / these seconds
     macs: float = float("nan")
     macs_speedup: float = float("nan")
     efficiency: float = float("nan")  # speedup / macs_speedup (1.0 = overhead-free)
@@ -59,6 +60,7 @@ class Row:
     fd_spectrum: float = float("nan")
     temporal: float = float("nan")
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rounds: list[float] = dataclasses.field(default_factory=list)  # seconds of every timed round, in order
 
 
 @dataclasses.dataclass
@@ -180,7 +182,8 @@ def run_variants(
     run_for(config.steps)()  # warm-up, untimed
     bar = tqdm(total=len(runnable) * (config.repeats + 1), desc="bench", disable=not progress)
     for round_index in range(config.repeats):
-        for v in list(runnable):
+        first = round_index % max(1, len(runnable))
+        for v in runnable[first:] + runnable[:first]:
             try:
                 out = generate(v)
                 if round_index == 0:
@@ -200,11 +203,12 @@ def run_variants(
     bar.close()
 
     base = rows[variants[0].label]
-    base_seconds = statistics.median(times[base.label])
+    base_seconds = min(times[base.label])
     reference = outputs[base.label]
     for v in runnable:
         row = rows[v.label]
-        row.seconds = statistics.median(times[v.label])
+        row.rounds = times[v.label]
+        row.seconds = min(row.rounds)
         row.speedup = base_seconds / row.seconds
         row.macs_speedup = base.macs / row.macs if row.macs else float("nan")
         row.efficiency = row.speedup / row.macs_speedup
