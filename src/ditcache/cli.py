@@ -321,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--peers", action="store_true", help="also run cache-dit and diffusers' cache hooks")
     bench.add_argument("--samples", type=int, default=16)
-    bench.add_argument("--repeats", type=int, default=3, help="timed rounds, interleaved (the fastest is reported)")
+    bench.add_argument(
+        "--repeats", type=int, default=3, help="timed rounds, interleaved, each one row later (median reported)"
+    )
     bench.add_argument("--fewer-steps", default=None, help="comma-separated step counts (default: steps/1.5../5)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument(

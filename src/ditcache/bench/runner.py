@@ -1,9 +1,10 @@
 """The benchmark runner: every variant on the same model, labels and seeds, in one process.
 
 Timed runs are interleaved (round-robin over variants, `repeats` rounds, each round starting one variant later)
-so that machine drift and the position in a round hit every variant alike; a variant's time is its fastest
-round (on a shared machine interference only ever adds time, so the fastest round is the least disturbed one;
-every round is kept in `Row.rounds`), and speed is its ratio to the uncached baseline of the same run. MACs are counted
+so that machine drift and the position in a round hit every variant alike; a variant's time is the median of
+its rounds (every round is kept in `Row.rounds`: on a shared machine the speed drifts by 10-30 % within a
+run, and neither the fastest round nor the median removes that), and speed is its ratio to the uncached baseline
+of the same run. MACs are counted
 for every variant the same way, with `torch.utils.flop_counter` over one whole generation, so peers and
 ditcache policies are measured by the same ruler. Quality is scored on the first run of each variant.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +50,7 @@ class Row:
     steps: int
     status: str = "ok"  # "ok" | "skipped" | "failed"
     reason: str = ""
-    seconds: float = float("nan")  # wall time of one generation: the fastest timed round
+    seconds: float = float("nan")  # wall time of one generation: the median of the timed rounds
     speedup: float = float("nan")  # baseline seconds / these seconds
     macs: float = float("nan")
     macs_speedup: float = float("nan")
@@ -203,12 +205,12 @@ def run_variants(
     bar.close()
 
     base = rows[variants[0].label]
-    base_seconds = min(times[base.label])
+    base_seconds = statistics.median(times[base.label])
     reference = outputs[base.label]
     for v in runnable:
         row = rows[v.label]
         row.rounds = times[v.label]
-        row.seconds = min(row.rounds)
+        row.seconds = statistics.median(row.rounds)
         row.speedup = base_seconds / row.seconds
         row.macs_speedup = base.macs / row.macs if row.macs else float("nan")
         row.efficiency = row.speedup / row.macs_speedup

@@ -1,6 +1,6 @@
 """`ditcache bench --pipeline SPEC`: the benchmark on the user's own diffusers pipeline and prompts.
 
-Same runner as the reference-model bench (`run_variants`: interleaved timed rounds, fastest round's wall-clock, MACs
+Same runner as the reference-model bench (`run_variants`: interleaved timed rounds, median wall-clock, MACs
 of one whole pipeline call counted by `torch.utils.flop_counter` for every variant), scored by PSNR and SSIM
 against the uncached output of the same prompts and seed (there is no class label or data set to score).
 """
