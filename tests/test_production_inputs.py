@@ -3,6 +3,7 @@ values, duplicate preset overrides, bfloat16 / float16 models, and the cache dty
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -337,8 +338,12 @@ def test_every_preset_runs_a_half_precision_model(preset, dtype, half_profiles, 
 def _kept_tensors(handle) -> list[torch.Tensor]:
     from ditcache.engine.calls import iter_tensors
 
-    state = handle.branch_state("cond")
-    return [t for value in vars(state).values() for t in iter_tensors(value)]
+    def kept(value) -> list[torch.Tensor]:  # nested states too (FORA's block segments)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return [t for field in vars(value).values() for t in kept(field)]
+        return iter_tensors(value)
+
+    return kept(handle.branch_state("cond"))
 
 
 @pytest.mark.parametrize("preset", ("fora-3", "static-2", "mixcache-acc", "omnicache-traj-slow", "precisecache-flash"))
