@@ -82,9 +82,7 @@ class BlockSegments:
     def _close(self, forward: ForwardCall) -> None:
         segment, self._open = self._open, None
         if segment is not None:
-            residuals = {
-                name: None if out is None else out - segment.inputs[name] for name, out in segment.outputs.items()
-            }
+            residuals = BlockCall.residuals(segment.inputs, segment.outputs)
             self.residuals[segment.start] = forward.store(residuals)
 
     def finish(self, call: ForwardCall, forecaster: Forecaster) -> None:
