@@ -140,3 +140,22 @@ def test_rounds_rotate_and_the_median_round_is_reported():
     for row in result.rows:
         assert len(row.rounds) == 2 and row.seconds == statistics.median(row.rounds)
     assert result.rows[0].speedup == 1.0
+
+
+def test_bench_names_the_host_allocator(result) -> None:
+    import os
+
+    from ditcache.bench.runner import allocator_description
+
+    assert result.machine.endswith(allocator_description(os.environ))
+
+    assert allocator_description({}) == "default allocator"
+    assert allocator_description({"LD_PRELOAD": "/usr/lib/libfoo.so", "PATH": "/bin"}) == "default allocator"
+    environ = {
+        "LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2:/usr/lib/libfoo.so",
+        "MALLOC_TRIM_THRESHOLD_": "4294967296",
+        "MALLOC_MMAP_THRESHOLD_": "1073741824",
+    }
+    assert allocator_description(environ) == (
+        "libjemalloc.so.2, MALLOC_TRIM_THRESHOLD_=4294967296, MALLOC_MMAP_THRESHOLD_=1073741824"
+    )

@@ -10,7 +10,16 @@ import torch
 
 from .allegro import ALLEGRO
 from .auraflow import AURAFLOW
-from .base import BLOCK_KINDS, EXECUTION_ORDERS, TOKEN_ORDERS, BlockListSpec, LatentGrid, ModelAdapter, TokenArg
+from .base import (
+    BLOCK_KINDS,
+    EXECUTION_ORDERS,
+    TOKEN_ORDERS,
+    BlockListSpec,
+    LatentGrid,
+    ModelAdapter,
+    PositionTable,
+    TokenArg,
+)
 from .chroma import CHROMA
 from .cogvideox import COGVIDEOX
 from .cogview4 import COGVIEW4
@@ -91,6 +100,7 @@ __all__ = [
     "EXECUTION_ORDERS",
     "LatentGrid",
     "ModelAdapter",
+    "PositionTable",
     "TOKEN_ORDERS",
     "TokenArg",
     "adapter_for",

@@ -102,6 +102,17 @@ class BlockListSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class PositionTable:
+    """A submodule that rebuilds the rotary (cos, sin) tables from positions alone at every forward (Flux's
+    `pos_embed(ids)`, Wan's `rope(hidden_states)`): the engine computes it once per input and hands the same
+    tables back afterwards (`engine/position_memo.py`). `by_value` names the arguments whose values the tables
+    depend on (position ids); every other tensor argument is read only for its shape, dtype and device."""
+
+    attr: str
+    by_value: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelAdapter:
     """Everything the engine needs to know about one diffusers transformer class."""
 
@@ -129,6 +140,8 @@ class ModelAdapter:
     # The pipeline passes timesteps that grow during sampling (Lumina2, Z-Image: 1 - t / 1000): a new
     # generation starts when the timestep falls (a repeated timestep is the next evaluation, e.g. Heun).
     timesteps_increase: bool = False
+    # Rotary-table modules that depend only on positions (`PositionTable`): memoized while ditcache is applied.
+    position_tables: tuple[PositionTable, ...] = ()
     # Capabilities this model lacks, with the reason (`ditcache.applicability` checks methods against them):
     # (capability, reason) pairs, e.g. ("resized_forward", "..."); token subsets are declared per block list
     # (`no_token_subsets`).

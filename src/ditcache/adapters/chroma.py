@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from diffusers import ChromaTransformer2DModel
 
-from .base import BlockListSpec, LatentGrid, ModelAdapter, TokenArg, concatenated_stream_list
+from .base import BlockListSpec, LatentGrid, ModelAdapter, PositionTable, TokenArg, concatenated_stream_list
 from .flux import _flux_grid, flux_image_ids
 
 _ROTARY = TokenArg("image_rotary_emb", dim=0, batch="shared", offset_arg="encoder_hidden_states")
@@ -60,4 +60,5 @@ CHROMA = ModelAdapter(
     modulated_input=_chroma_modulated_input,
     unbatched_args=("img_ids", "txt_ids"),
     pipeline_cfg="separate: cond then uncond forward per step, no cache context (placed by timestep)",
+    position_tables=(PositionTable("pos_embed", by_value=("ids",)),),
 )

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers import CogView4Transformer2DModel
 
-from .base import BlockListSpec, ModelAdapter, TokenArg, patch_grid, square_patch
+from .base import BlockListSpec, ModelAdapter, PositionTable, TokenArg, patch_grid, square_patch
 
 
 def _cogview4_modulated_input(block: torch.nn.Module, arguments: Mapping[str, Any]) -> torch.Tensor:
@@ -41,4 +41,5 @@ COGVIEW4 = ModelAdapter(
     patch=square_patch,
     modulated_input=_cogview4_modulated_input,
     pipeline_cfg="separate: cond and uncond forwards inside cache_context('cond') / ('uncond')",
+    position_tables=(PositionTable("rope"),),
 )

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 
-from .base import BlockListSpec, LatentGrid, ModelAdapter, TokenArg, adaln_zero_modulated_input
+from .base import BlockListSpec, LatentGrid, ModelAdapter, PositionTable, TokenArg, adaln_zero_modulated_input
 
 
 def _flux_grid(model: torch.nn.Module, kwargs: dict[str, Any]) -> LatentGrid:
@@ -68,4 +68,5 @@ FLUX = ModelAdapter(
     resized_kwargs=_flux_resized_kwargs,
     modulated_input=adaln_zero_modulated_input,
     unbatched_args=("img_ids", "txt_ids"),
+    position_tables=(PositionTable("pos_embed", by_value=("ids",)),),
 )

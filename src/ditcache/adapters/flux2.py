@@ -17,7 +17,7 @@ import torch
 from diffusers import Flux2Transformer2DModel
 from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
 
-from .base import BlockListSpec, LatentGrid, ModelAdapter, TokenArg, concatenated_stream_list
+from .base import BlockListSpec, LatentGrid, ModelAdapter, PositionTable, TokenArg, concatenated_stream_list
 
 
 def flux2_image_ids(height: int, width: int) -> torch.Tensor:
@@ -70,4 +70,5 @@ FLUX2 = ModelAdapter(
     modulated_input=_flux2_modulated_input,
     unbatched_args=("img_ids", "txt_ids"),
     pipeline_cfg="none: Flux2Pipeline embeds guidance (one forward per step); Klein: cache_context cond / uncond",
+    position_tables=(PositionTable("pos_embed", by_value=("ids",)),),
 )

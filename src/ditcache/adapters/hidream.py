@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from diffusers import HiDreamImageTransformer2DModel
 
-from .base import BlockListSpec, LatentGrid, ModelAdapter
+from .base import BlockListSpec, LatentGrid, ModelAdapter, PositionTable
 
 _TEXT_PER_BLOCK = "each block attends to a different text (Llama layer k) and its rotary table puts the image first"
 
@@ -71,4 +71,5 @@ HIDREAM = ModelAdapter(
     timestep_arg="timesteps",
     unsupported=(("batch_rows", "encoder_hidden_states_llama3 holds its batch on axis 1"),),
     pipeline_cfg="batched: one forward on [uncond; cond] rows, no cache context",
+    position_tables=(PositionTable("pe_embedder", by_value=("ids",)),),
 )

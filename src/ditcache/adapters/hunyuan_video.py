@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from diffusers import HunyuanVideoTransformer3DModel
 
-from .base import BlockListSpec, LatentGrid, ModelAdapter, TokenArg, adaln_zero_modulated_input
+from .base import BlockListSpec, LatentGrid, ModelAdapter, PositionTable, TokenArg, adaln_zero_modulated_input
 
 # Token subsets: the model builds one attention mask (B, 1, 1, N_video + N_text) over [video; text] keys, video
 # first, which a subset would have to shorten in its middle; the image-to-video variant ("token_replace") also
@@ -71,4 +71,5 @@ HUNYUAN_VIDEO = ModelAdapter(
         "Token-subset methods (TokenCache, OmniCache hierarchical) raise: " + _NO_TOKEN_SUBSETS + ". "
         "Everything else applies (the rotary table is computed inside, so trial forwards need no extra kwargs)."
     ),
+    position_tables=(PositionTable("rope"),),
 )

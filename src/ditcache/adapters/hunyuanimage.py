@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from diffusers import HunyuanImageTransformer2DModel
 
-from .base import BlockListSpec, LatentGrid, ModelAdapter, adaln_zero_modulated_input
+from .base import BlockListSpec, LatentGrid, ModelAdapter, PositionTable, adaln_zero_modulated_input
 
 _MASK = "its attention mask spans [image; text] keys with the text after the image"
 
@@ -47,4 +47,5 @@ HUNYUANIMAGE = ModelAdapter(
     patch=lambda model: (1, *model.config.patch_size[-2:]),
     modulated_input=adaln_zero_modulated_input,
     pipeline_cfg="separate: guider forwards inside cache_context('pred_cond') / ('pred_uncond')",
+    position_tables=(PositionTable("rope"),),
 )

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from diffusers import SkyReelsV2Transformer3DModel
 
-from .base import BlockListSpec, ModelAdapter, TokenArg
+from .base import BlockListSpec, ModelAdapter, PositionTable, TokenArg
 from .wan import _wan_grid, _wan_modulated_input
 
 
@@ -60,4 +60,5 @@ SKYREELS_V2 = ModelAdapter(
         "1000 for several steps with ar_step > 0 (asynchronous): each such step starts a new generation and "
         "nothing is reused (synchronous ar_step = 0 is placed right)."
     ),
+    position_tables=(PositionTable("rope"),),
 )

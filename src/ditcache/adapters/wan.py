@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from diffusers import WanTransformer3DModel
 
-from .base import BlockListSpec, LatentGrid, ModelAdapter, TokenArg
+from .base import BlockListSpec, LatentGrid, ModelAdapter, PositionTable, TokenArg
 
 
 def _wan_grid(model: torch.nn.Module, kwargs: dict[str, Any]) -> LatentGrid:
@@ -54,4 +54,5 @@ WAN = ModelAdapter(
     grid=_wan_grid,
     patch=lambda model: tuple(model.config.patch_size),
     modulated_input=_wan_modulated_input,
+    position_tables=(PositionTable("rope"),),
 )

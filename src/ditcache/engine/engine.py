@@ -19,6 +19,7 @@ from .context import StepTracker
 from .decisions import DecisionSync, context_parallel_config, decision_group
 from .hooks import AttributeOverride, ForwardHook
 from .macs import CostTable, measure_costs
+from .position_memo import PositionMemo
 from .session import Session, SessionPool
 from .state import BranchState
 from .stats import REUSED, ForwardRecord, GenerationStats, RecordLog, Stats, tensor_bytes
@@ -60,6 +61,10 @@ class Engine:
         policy.bind(self.view)
         self._sessions = SessionPool(self._new_session, policy)
         self.weights = WeightWatch(model)  # LoRA load / fuse / unload: cached features go stale
+        self.position_memos = [
+            PositionMemo(self._position_module(spec.attr), spec, lambda: self.weights.epoch)
+            for spec in adapter.position_tables
+        ]
         # Context parallelism: block statistics are shards, reduced through one choke point (engine/decisions.py).
         self.context_parallel = context_parallel_config(model)
         self.decisions = DecisionSync(decision_group(model))
@@ -81,6 +86,12 @@ class Engine:
             BlockRef(spec, index, position, f"{spec.attr}.{index}", block)
             for position, (spec, index, block) in enumerate(order)
         ]
+
+    def _position_module(self, attr: str) -> torch.nn.Module:
+        module = getattr(self.model, attr, None)
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"{type(self.model).__name__}.{attr} is not a module (a position table); fix the adapter")
+        return module
 
     def _find_submodules(self) -> list[SubmoduleRef]:
         refs = []
@@ -107,6 +118,8 @@ class Engine:
             for sub in self.submodules:
                 module = getattr(sub.block.module, sub.attr)
                 self._hooks.append(ForwardHook(module, functools.partial(self._submodule_forward, sub)))
+        for memo in self.position_memos:
+            self._hooks.append(ForwardHook(memo.module, functools.partial(self._position_forward, memo)))
         original_cache_context = getattr(self.model, "cache_context", None)
         if original_cache_context is not None:
 
@@ -129,6 +142,8 @@ class Engine:
         self._overrides.clear()
         for session in self._sessions.all():
             session.states.clear()
+        for memo in self.position_memos:
+            memo.clear()
         self.removed = True
 
     # ----------------------------------------------------------------- sessions and context
@@ -251,6 +266,13 @@ class Engine:
         if call is None or session.bypass:
             return original(*args, **kwargs)
         return session.policy.block(BlockCall(call, ref, original, args, kwargs))
+
+    def _position_forward(self, memo: PositionMemo, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        # Only inside a forward the engine handles: it has just compared the weights (the memo's epoch).
+        session = self.session()
+        if session.current is None or session.bypass:
+            return original(*args, **kwargs)
+        return memo.forward(original, args, kwargs)
 
     def _submodule_forward(self, ref: SubmoduleRef, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         session = self.session()

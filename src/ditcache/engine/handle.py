@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,7 @@ import torch
 
 from ..config import PolicyConfig
 from .engine import Engine
+from .position_memo import MemoCounts
 from .state import BranchState
 from .stats import ForwardRecord, GenerationStats, Stats
 
@@ -64,6 +66,11 @@ class CacheHandle:
         """Statistics of the recorded generations since apply/reset, all threads (MACs are measured lazily,
         here); generations older than `recorded_generations` are dropped and counted."""
         return self._engine.stats()
+
+    def position_tables(self) -> dict[str, MemoCounts]:
+        """Per memoized rotary module (`ModelAdapter.position_tables`, e.g. Flux's "pos_embed"): how often its
+        tables were computed (`misses`) and handed back (`hits`) since apply; a copy."""
+        return {memo.spec.attr: dataclasses.replace(memo.counts) for memo in self._engine.position_memos}
 
     def records(self) -> list[ForwardRecord]:
         """Per-forward records of the recorded generations (what stats are computed from), oldest first; a copy."""
