@@ -130,3 +130,13 @@ def test_calls_outside_a_cached_forward_are_not_memoized():
     counts = handle.position_tables()["pos_embed"]
     handle.remove()
     assert (counts.misses, counts.hits) == (0, 0)
+
+
+def test_position_ids_on_an_accelerator_are_not_compared():
+    from ditcache.adapters import PositionTable
+    from ditcache.engine.position_memo import PositionMemo
+
+    memo = PositionMemo(torch.nn.Identity(), PositionTable("pos_embed", by_value=("ids",)), lambda: 0)
+    key, values = memo._summary({"ids": torch.zeros(4, 3)})
+    assert len(values) == 1 and key[0][0] == "ids"
+    assert memo._summary({"ids": torch.zeros(4, 3, device="meta")}) is None  # a sync on a GPU: never compared

@@ -5,7 +5,9 @@ every forward from the positions alone: a few dozen small ops that any step pays
 ref-image 0.5 of the 2.6 ms a step with every block reused costs). While ditcache is applied the module's
 forward is hooked: the first call with an input computes the tables, later calls with the same input get the
 same tensors back. The input is compared by shape, dtype and device for every tensor argument, by value for
-the adapter's `by_value` arguments (position ids), by equality for the rest.
+the adapter's `by_value` arguments (position ids), by equality for the rest. Position ids on an accelerator
+are not compared (`torch.equal` would be a second host sync per forward): there Flux-class tables are computed
+as without ditcache, and only the shape-keyed ones (Wan, HunyuanVideo, ...) are memoized.
 
 Never handed back: tables written in place since (their `_version` moved), inference-mode tables (they keep
 no write counter), tables that require grad, tables from before a weight change (`WeightWatch.epoch`: a
@@ -96,6 +98,8 @@ class PositionMemo:
             if isinstance(value, torch.Tensor):
                 key.append((name, tuple(value.shape), value.dtype, value.device))
                 if name in self.spec.by_value:
+                    if value.device.type != "cpu":
+                        return None  # comparing accelerator values would cost a host sync per forward
                     values.append(value)
             elif _plain(value):
                 key.append((name, value))
